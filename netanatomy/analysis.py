@@ -1,0 +1,275 @@
+"""Analysis registry and base classes.
+
+An analysis is a class registered under a short name::
+
+    @register_analysis("esd")
+    class SpectralAnalysis(LayerwiseAnalysis):
+        title = "Spectral health"
+        Options = SpectralOptions          # a dataclass; CLI --set esd.key=value
+
+        def applies_to(self, layer): ...
+        def analyze_layer(self, layer, options) -> dict | list[dict]: ...
+        def render(self, result) -> list[Block]: ...   # optional, for the report
+
+``run`` returns an :class:`AnalysisResult`: one record per layer (each with a
+``layer`` field), a model-level summary, and free-form ``extras`` for pictures.
+Computation never prints or plots; ``render`` turns a result into report blocks.
+
+Built-in analyses are listed in ``_BUILTIN`` (module paths), imported on first
+use so that importing netanatomy stays cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import time
+import traceback
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable
+
+from .errors import LayerError, UserError
+from .model import Layer, Model
+
+# name -> module that registers it. Adding an analysis = one line here.
+_BUILTIN: dict[str, str] = {
+    "stats": "netanatomy.stats",
+    "esd": "netanatomy.spectral.analysis",
+    "banding": "netanatomy.banding.analysis",
+    "branches": "netanatomy.branches.analysis",
+}
+
+_REGISTRY: dict[str, type["Analysis"]] = {}
+
+Progress = Callable[[str, int, int], None]  # (label, done, total)
+
+
+def register_analysis(name: str):
+    """Class decorator that registers an analysis under ``name``."""
+
+    def deco(cls: type[Analysis]) -> type[Analysis]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtins() -> None:
+    for name, module in _BUILTIN.items():
+        if name in _REGISTRY:
+            continue
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # an analysis not built yet
+            if exc.name != module and not module.startswith(str(exc.name) + "."):
+                raise
+
+
+def available_analyses() -> list[str]:
+    _load_builtins()
+    return list(_REGISTRY)
+
+
+def get_analysis(name: str) -> type["Analysis"]:
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(_REGISTRY) or "none"
+        raise UserError(f"unknown analysis {name!r} (available: {known})") from None
+
+
+@dataclass
+class AnalysisResult:
+    """What an analysis found. ``records`` are JSON-friendly dicts with ``layer``."""
+
+    analysis: str
+    records: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)  # arrays for pictures; not serialised
+    options: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def errors(self) -> list[dict]:
+        return [r for r in self.records if r.get("error")]
+
+    @property
+    def ok_records(self) -> list[dict]:
+        return [r for r in self.records if not r.get("error")]
+
+    def to_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.records)
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+class Analysis:
+    """Base class. Subclasses set ``title`` and implement ``run``."""
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    def applies_to(self, layer: Layer) -> bool:
+        return True
+
+    def run(
+        self, model: Model, options: Any = None, progress: Progress | None = None
+    ) -> AnalysisResult:
+        raise NotImplementedError
+
+    def render(self, result: AnalysisResult) -> list:
+        """Report blocks for ``result``; the default is one table of the records."""
+        from .report.blocks import Table
+
+        return [Table.from_records(result.records)]
+
+    # -- options --------------------------------------------------------------
+    @classmethod
+    def make_options(cls, values: dict[str, str] | None = None):
+        """Build the Options dataclass from ``key -> text`` pairs (CLI ``--set``)."""
+        values = values or {}
+        if not dataclasses.is_dataclass(cls.Options):
+            raise TypeError(f"{cls.__name__}.Options must be a dataclass")
+        hints = typing.get_type_hints(cls.Options)
+        names = {f.name for f in dataclasses.fields(cls.Options)}
+        kwargs = {}
+        for key, text in values.items():
+            if key not in names:
+                raise UserError(
+                    f"analysis {cls.name!r} has no option {key!r} "
+                    f"(options: {', '.join(sorted(names)) or 'none'})"
+                )
+            kwargs[key] = _coerce(text, hints[key], f"{cls.name}.{key}")
+        return cls.Options(**kwargs)
+
+
+class LayerwiseAnalysis(Analysis):
+    """An analysis that treats each applicable layer on its own.
+
+    ``analyze_layer`` returns one record (or several, e.g. per conv slice). A
+    layer that raises gets a record with ``error`` and the others go on.
+    """
+
+    def analyze_layer(self, layer: Layer, options: Any) -> dict | list[dict]:
+        raise NotImplementedError
+
+    def summarize(self, records: list[dict], options: Any) -> dict:
+        return {}
+
+    def run(
+        self, model: Model, options: Any = None, progress: Progress | None = None
+    ) -> AnalysisResult:
+        options = options if options is not None else self.make_options()
+        layers = [layer for layer in model.layers if self.applies_to(layer)]
+        start = time.perf_counter()
+        records: list[dict] = []
+        for i, layer in enumerate(layers):
+            if progress:
+                progress(layer.name, i, len(layers))
+            records.extend(run_layer_safely(self.analyze_layer, layer, options))
+        if progress:
+            progress("", len(layers), len(layers))
+        result = AnalysisResult(
+            analysis=self.name,
+            records=records,
+            options=dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {},
+        )
+        result.summary = self.summarize(result.ok_records, options)
+        result.summary.setdefault("layers_analysed", len(result.ok_records))
+        result.summary.setdefault("layers_failed", len(result.errors))
+        result.seconds = time.perf_counter() - start
+        return result
+
+
+def run_layer_safely(fn: Callable[..., Any], layer: Layer, *args) -> list[dict]:
+    """Call ``fn(layer, *args)``; turn any failure into one error record."""
+    try:
+        out = fn(layer, *args)
+    except (LayerError, UserError) as exc:
+        return [{"layer": layer.name, "kind": str(layer.kind), "error": str(exc), "error_type": "user"}]
+    except MemoryError:
+        return [{"layer": layer.name, "kind": str(layer.kind), "error": "out of memory", "error_type": "user"}]
+    except Exception as exc:  # a bug or an unforeseen layer; keep going, keep the reason
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        return [
+            {
+                "layer": layer.name,
+                "kind": str(layer.kind),
+                "error": f"{type(exc).__name__}: {exc} (at {where.filename.rsplit('/', 1)[-1]}:{where.lineno})",
+                "error_type": "internal",
+            }
+        ]
+    recs = [out] if isinstance(out, dict) else list(out)
+    for r in recs:
+        r.setdefault("layer", layer.name)
+    return recs
+
+
+def run_analyses(
+    model: Model,
+    names: Iterable[str] | None = None,
+    settings: dict[str, dict[str, str]] | None = None,
+    progress: Callable[[str], Progress] | None = None,
+) -> list[tuple[Analysis, AnalysisResult]]:
+    """Run the named analyses (all registered ones by default) on ``model``.
+
+    ``settings`` maps analysis name -> {option: text}. ``progress(name)`` returns
+    a per-analysis progress callback.
+    """
+    names = list(names) if names is not None else available_analyses()
+    settings = settings or {}
+    unknown = set(settings) - set(names)
+    if unknown:
+        raise UserError(f"--set names analyses that will not run: {', '.join(sorted(unknown))}")
+    analyses = [(get_analysis(n)(), n) for n in names]
+    prepared = [(a, a.make_options(settings.get(n))) for a, n in analyses]
+    out = []
+    for analysis, options in prepared:
+        cb = progress(analysis.name) if progress else None
+        out.append((analysis, analysis.run(model, options, cb)))
+    return out
+
+
+def _coerce(text: str, typ: Any, what: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if text.lower() in ("none", "null", ""):
+            return None
+        typ = args[0]
+        origin = typing.get_origin(typ)
+    try:
+        if typ is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if typ is int:
+            return int(text)
+        if typ is float:
+            v = float(text)
+            if math.isnan(v):
+                raise ValueError(text)
+            return v
+        if origin is typing.Literal:
+            if text not in typing.get_args(typ):
+                raise ValueError(text)
+            return text
+        if origin in (tuple, list):
+            return tuple(s.strip() for s in text.split(",") if s.strip())
+        return text
+    except ValueError:
+        raise UserError(f"bad value {text!r} for option {what} (expected {typ})") from None

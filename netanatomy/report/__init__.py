@@ -1,0 +1,18 @@
+"""Reports: HTML (``html``), JSON and Parquet (``writers``), and the blocks analyses render to."""
+
+from .blocks import Callout, Group, Image, Paragraph, Table
+from .html import build_report, write_report
+from .writers import write_json, write_model_json, write_parquet
+
+__all__ = [
+    "Callout",
+    "Group",
+    "Image",
+    "Paragraph",
+    "Table",
+    "build_report",
+    "write_json",
+    "write_model_json",
+    "write_parquet",
+    "write_report",
+]
