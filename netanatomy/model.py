@@ -266,6 +266,8 @@ class Model:
     graph: Graph | None = None
     notes: list[str] = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
+    # the live torch.nn.Module when loaded from one (for tracing or hooks), else None
+    module: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._by_name = {layer.name: layer for layer in self.layers}

@@ -84,6 +84,7 @@ def load(module: nn.Module, *, name: str | None = None, trace: bool = True) -> M
         skipped=skipped,
         graph=graph,
         notes=notes,
+        module=module,
     )
 
 
