@@ -63,7 +63,10 @@ def _err_console():
 def _out_console():
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:  # piped output: never cut layer names
+        console = Console(highlight=False, soft_wrap=True, width=240)
+    return console
 
 
 # ---------------------------------------------------------------------------
@@ -163,9 +166,14 @@ def inspect(
         console.print(f"note: {escape(note)}")
     t = Table(show_edge=False, pad_edge=False)
     for col in ("layer", "kind", "shape", "groups", "params", "dtype", "feeds"):
-        t.add_column(col, justify="right" if col in ("groups", "params") else "left")
+        t.add_column(
+            col,
+            justify="right" if col in ("groups", "params") else "left",
+            no_wrap=col != "feeds",
+            overflow="fold",
+        )
     for l in m.layers:
-        kind = str(l.kind) + (" (depthwise)" if l.depthwise else "") + (f" [{l.role}]" if l.role else "")
+        kind = str(l.kind) + (" (depthwise)" if l.depthwise else "") + (f":{l.role}" if l.role else "")
         t.add_row(
             escape(l.name),
             escape(kind),

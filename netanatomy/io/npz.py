@@ -29,8 +29,7 @@ class NpzStore:
                     if not member.endswith(".npy"):
                         continue
                     with zf.open(member) as fh:
-                        version = np.lib.format.read_magic(fh)
-                        shape, fortran, dtype = np.lib.format._read_array_header(fh, version)
+                        shape, dtype = _npy_header(fh)
                     if dtype.hasobject:
                         raise LoadError(f"{path}: array {member[:-4]!r} holds Python objects; refused (allow_pickle is off)")
                     self._meta[member[:-4]] = (tuple(int(s) for s in shape), dtype, member)
@@ -59,6 +58,19 @@ class NpzStore:
         if arr.dtype == np.float16 or np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
             return torch.from_numpy(np.ascontiguousarray(arr))
         raise LoadError(f"{self.path}: array {key!r} has unsupported dtype {arr.dtype}")
+
+
+def _npy_header(fh) -> tuple[tuple[int, ...], np.dtype]:
+    fmt = np.lib.format
+    version = fmt.read_magic(fh)
+    if version == (1, 0):
+        shape, _, dtype = fmt.read_array_header_1_0(fh)
+    elif version == (2, 0):
+        shape, _, dtype = fmt.read_array_header_2_0(fh)
+    else:  # 3.0 (utf-8 field names): read the array itself to learn its header
+        arr = fmt.read_array(fh, allow_pickle=False)
+        shape, dtype = arr.shape, arr.dtype
+    return shape, dtype
 
 
 def load(path: str | os.PathLike, *, layout: str = "auto", name: str | None = None) -> Model:

@@ -131,8 +131,14 @@ def load(path: str | os.PathLike, *, name: str | None = None) -> Model:
     names_taken: set[str] = set()
 
     def layer_name(node, wkey: str, i: int) -> str:
-        base = wkey[: -len(".weight")] if wkey.endswith(".weight") else (node.name or f"{node.op_type.lower()}_{i}")
-        base = base.strip("/").replace("/", ".") or f"{node.op_type.lower()}_{i}"
+        if wkey.endswith(".weight"):
+            base = wkey[: -len(".weight")]
+        else:
+            parts = [p for p in (node.name or "").split("/") if p]
+            if len(parts) > 1 and parts[-1].split("_")[0] == node.op_type:
+                parts = parts[:-1]  # "/features/0/Conv" -> "features.0"
+            base = ".".join(parts)
+        base = base or f"{node.op_type.lower()}_{i}"
         n, k = base, 1
         while n in names_taken:
             k += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -50,7 +51,9 @@ class SafetensorsStore:
                 self._entries[key] = _check_entry(f, key, info, data_start, size)
 
     def keys(self) -> list[str]:
-        return list(self._entries)
+        # safetensors writers sort keys alphabetically; natural order puts
+        # layer.2 before layer.10, which is closer to the model's own order.
+        return sorted(self._entries, key=_natural_key)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._entries[key][2]
@@ -74,6 +77,10 @@ class SafetensorsStore:
             return torch.empty(shape, dtype=tdtype)
         t = torch.frombuffer(buf, dtype=tdtype)
         return t.reshape(shape)
+
+
+def _natural_key(name: str) -> list:
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", name)]
 
 
 def _read_header(path: Path) -> tuple[dict, int, int]:
