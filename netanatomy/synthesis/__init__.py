@@ -1,0 +1,51 @@
+"""Synthesis of weights: averages (SWA-style, EMA), soups, interpolation curves
+and loss barriers, permutation alignment (weight matching), batch-norm
+recalibration. Outputs are safetensors files written atomically with a SHA-256.
+"""
+
+from .average import AverageResult, average, ema, ema_weights
+from .bn import recalibrate_bn
+from .evaluate import CommandEvaluator
+from .interpolate import InterpolationCurve, interpolate, loss_barrier, plot_interpolation
+from .permute import (
+    AlignResult,
+    PermutationSpec,
+    align,
+    apply_permutation,
+    random_permutations,
+    spec_from_module,
+    weight_matching,
+)
+from .soup import SoupResult, greedy_soup, uniform_soup
+from .sources import Source, open_source
+from .writer import SafetensorsWriter, WrittenFile, content_hash, save_tensors, stored_hash
+
+__all__ = [
+    "AlignResult",
+    "AverageResult",
+    "CommandEvaluator",
+    "InterpolationCurve",
+    "PermutationSpec",
+    "SafetensorsWriter",
+    "SoupResult",
+    "Source",
+    "WrittenFile",
+    "align",
+    "apply_permutation",
+    "average",
+    "content_hash",
+    "ema",
+    "ema_weights",
+    "greedy_soup",
+    "interpolate",
+    "loss_barrier",
+    "open_source",
+    "plot_interpolation",
+    "random_permutations",
+    "recalibrate_bn",
+    "save_tensors",
+    "spec_from_module",
+    "stored_hash",
+    "uniform_soup",
+    "weight_matching",
+]
