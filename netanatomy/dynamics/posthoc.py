@@ -9,6 +9,7 @@ alone (a sequential guess of each layer's successor, noted in the groups).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Iterable
@@ -68,6 +69,7 @@ class _StoreTracker(WidthTracker):
                     "shape": list(model[g.layer].shape),
                     "groups": model[g.layer].groups,
                     "has_bias": g.bias_key is not None,
+                    "out_slices": [dataclasses.asdict(o) for o in g.outs],
                 }
                 for g in self.groups
             },

@@ -21,6 +21,7 @@ never raises into the training loop.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any, Iterable
@@ -123,6 +124,7 @@ class WidthTracker:
                     "shape": list(model[g.layer].shape),
                     "groups": model[g.layer].groups,
                     "has_bias": g.bias_key is not None,
+                    "out_slices": [dataclasses.asdict(o) for o in g.outs],
                 }
                 for g in self.groups
             },
