@@ -1,0 +1,159 @@
+"""Commands: ``netanatomy average``, ``netanatomy soup``, ``netanatomy interpolate``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import UserError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _parse_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UserError(f"--weights takes comma-separated numbers, got {text!r}") from None
+
+
+def _check_out(out: Path, inputs: list[str]) -> None:
+    if out.is_dir():
+        raise UserError(f"{out}: is a folder; give a file name ending in .safetensors")
+    if not out.name.endswith(".safetensors"):
+        raise UserError(f"{out}: the output is a safetensors file; name it *.safetensors")
+    for i in inputs:
+        p = Path(i).expanduser()
+        if p.exists() and p.resolve() == out.resolve():
+            raise UserError(f"{out}: is also an input; write the result elsewhere")
+
+
+def _print_written(res, json_out: bool) -> None:
+    if json_out:
+        from .._util import dumps
+
+        sys.stdout.write(dumps(res.summary(), indent=1) + "\n")
+        return
+    w = res.average.written if hasattr(res, "average") else res.written
+    console = _console()
+    n = len(res.members) if hasattr(res, "members") else len(res.sources)
+    console.print(f"wrote {w.path} ({n} checkpoints, {w.num_tensors} tensors, {w.num_bytes:,} bytes of weights)", markup=False)
+    console.print(f"sha256 {w.file_sha256}  {w.path.name}", markup=False)
+    console.print(f"content-sha256 {w.content_sha256}", markup=False)
+    notes = res.notes if hasattr(res, "notes") else res.average.notes
+    for note in notes:
+        console.print(f"note: {note}", markup=False)
+
+
+def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
+    @app.command("average")
+    def average_cmd(
+        checkpoints: List[str] = typer.Argument(..., help="Checkpoints to average (safetensors or PyTorch), oldest first for --ema."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file (written atomically, with OUT.sha256)."),
+        weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated weight per checkpoint (normalised)."),
+        ema: Optional[float] = typer.Option(None, "--ema", help="Exponential moving average with this decay over the checkpoints in order."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype of float tensors (default: each tensor's input dtype)."),
+        non_float: str = typer.Option("last", "--non-float", help="Integer/bool tensors: last, first, or equal (must agree)."),
+        allow_missing: bool = typer.Option(False, "--allow-missing", help="Average each key over the checkpoints that hold it."),
+        key: Optional[str] = typer.Option(None, "--key", help="Entry of nested PyTorch checkpoints to read (e.g. ema, model)."),
+        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+    ) -> None:
+        """Average checkpoints tensor by tensor in float64 (SWA-style mean, weighted mean or EMA); memory stays near one tensor per checkpoint for safetensors inputs."""
+        from .average import average, ema as ema_fn
+
+        _check_out(out, checkpoints)
+        if ema is not None and weights is not None:
+            raise UserError("--ema and --weights exclude each other")
+        kw = dict(dtype=dtype, non_float=non_float, allow_missing=allow_missing, key=key)
+        if ema is not None:
+            res = ema_fn(checkpoints, ema, out, **kw)
+        else:
+            res = average(checkpoints, out, weights=_parse_weights(weights), **kw)
+        _print_written(res, json_out)
+
+    @app.command("soup")
+    def soup_cmd(
+        checkpoints: List[str] = typer.Argument(..., help="Members: checkpoints fine-tuned from one start."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file."),
+        greedy: bool = typer.Option(False, "--greedy", help="Greedy soup (needs --eval): add members best-first while the score does not drop."),
+        eval_cmd: Optional[str] = typer.Option(
+            None, "--eval", help="Command scoring a weights file on held-out data: it gets the file path ({model} or appended) and prints a number last."
+        ),
+        lower_is_better: bool = typer.Option(False, "--lower-is-better", help="The eval command prints a loss, not an accuracy."),
+        timeout: float = typer.Option(600.0, "--timeout", help="Seconds allowed per evaluation."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype of float tensors."),
+        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+    ) -> None:
+        """Uniform soup (the mean of all members) or greedy soup (Wortsman et al. 2022)."""
+        from .soup import greedy_soup, uniform_soup
+
+        _check_out(out, checkpoints)
+        if greedy and not eval_cmd:
+            raise UserError("--greedy needs --eval COMMAND to score candidate soups on held-out data")
+        if greedy:
+            res = greedy_soup(checkpoints, eval_cmd, out, higher_is_better=not lower_is_better, timeout=timeout, dtype=dtype)
+        else:
+            res = uniform_soup(checkpoints, out, evaluate=eval_cmd, higher_is_better=not lower_is_better, score_members=bool(eval_cmd), timeout=timeout, dtype=dtype)
+        if json_out:
+            from .._util import dumps
+
+            doc = res.summary()
+            doc["steps"] = res.steps
+            doc["member_scores"] = res.member_scores
+            sys.stdout.write(dumps(doc, indent=1) + "\n")
+            return
+        console = _console()
+        if res.steps:
+            from rich.table import Table
+
+            t = Table(show_edge=False, pad_edge=False)
+            for col in ("step", "candidate", "alone", "soup with it", "added"):
+                t.add_column(col)
+            for s in res.steps:
+                t.add_row(str(s["step"]), s["candidate"], f"{s['candidate_score']:.6g}", f"{s['soup_score']:.6g}", "yes" if s["accepted"] else "no")
+            console.print(t)
+        elif res.member_scores:
+            for name, s in res.member_scores.items():
+                console.print(f"member {name}: {s:.6g}", markup=False)
+        if res.score is not None:
+            best = res.best_member
+            console.print(
+                f"{res.method} soup of {len(res.ingredients)}/{len(res.members)} members: score {res.score:.6g}"
+                + (f" (best single member {best[0]}: {best[1]:.6g})" if best else ""),
+                markup=False,
+            )
+        _print_written(res, False)
+
+    @app.command("interpolate")
+    def interpolate_cmd(
+        model_a: str = typer.Argument(..., help="Model A (alpha = 0)."),
+        model_b: str = typer.Argument(..., help="Model B (alpha = 1), same keys and shapes."),
+        eval_cmd: str = typer.Option(..., "--eval", help="Command scoring a weights file ({model} or appended); prints a number last."),
+        points: int = typer.Option(11, "--points", help="Number of evenly spaced alphas on [0, 1]."),
+        higher_is_better: bool = typer.Option(False, "--higher-is-better", help="The eval command prints an accuracy (default: a loss)."),
+        timeout: float = typer.Option(600.0, "--timeout", help="Seconds allowed per evaluation."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Write the curve and the barrier as JSON here."),
+    ) -> None:
+        """Score the straight path between two models and print the barrier (the largest excess over the end-point line)."""
+        from .interpolate import interpolate
+
+        curve = interpolate(model_a, model_b, eval_cmd, points, timeout=timeout)
+        barrier = curve.barrier("score", higher_is_better)
+        console = _console()
+        for r in curve.to_records():
+            console.print(f"alpha {r['alpha']:.3f}  {r['score']:.6g}", markup=False)
+        console.print(f"barrier {barrier:.6g} ({'accuracy-like' if higher_is_better else 'loss-like'} score)", markup=False)
+        if out is not None:
+            from .._util import atomic_write_text, dumps
+
+            atomic_write_text(out, dumps({"curve": curve.to_records(), "barrier": barrier, "higher_is_better": higher_is_better}, indent=1) + "\n")
+            console.print(f"wrote {out}", markup=False)
