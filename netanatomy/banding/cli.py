@@ -1,0 +1,51 @@
+"""``netanatomy experiment banding``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import UserError
+
+
+def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
+    @experiment_app.command("banding")
+    def banding_experiment(
+        config: str = typer.Option("small", "--config", help="quick (smoke test, seconds), small (this machine's budget), full"),
+        out: Path = typer.Option(Path("results"), "--out", help="directory for banding.md, banding_*.png and banding_runs/"),
+        only: Optional[str] = typer.Option(None, "--only", help="comma-separated interventions (baseline,rotate,nopool,xpool,xpool_rotate)"),
+        threads: int = typer.Option(1, "--threads", help="torch CPU threads"),
+        retrain: bool = typer.Option(False, "--retrain", help="ignore trained runs cached in OUT/banding_runs"),
+    ) -> None:
+        """Train the simplified network under the article's interventions and write the banding table and pictures."""
+        import shlex
+        import sys
+
+        import torch
+
+        from .experiment import CONFIGS, INTERVENTIONS, run_experiment
+
+        if config not in CONFIGS:
+            raise UserError(f"unknown config {config!r} (choose from {', '.join(CONFIGS)})")
+        chosen = None
+        if only:
+            chosen = tuple(s.strip() for s in only.split(",") if s.strip())
+            bad = [s for s in chosen if s not in INTERVENTIONS]
+            if bad:
+                raise UserError(f"unknown intervention(s) {', '.join(bad)} (choose from {', '.join(INTERVENTIONS)})")
+        if threads < 1:
+            raise UserError("--threads must be at least 1")
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} exists and is not a directory")
+        torch.set_num_threads(threads)
+
+        def log(msg: str) -> None:
+            typer.echo(msg, err=True)
+
+        res = run_experiment(config, out, interventions=chosen, log=log, reuse=not retrain,
+                             command="netanatomy experiment banding " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if len(sys.argv) > 3 else None)
+        for f in res.findings:
+            typer.echo(f"{f['intervention']}: {'reproduced' if f['reproduced'] else 'not reproduced'} - {f['evidence']}")
+        typer.echo(f"wrote {out / 'banding.md'}")

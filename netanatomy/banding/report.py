@@ -1,0 +1,172 @@
+"""Results file of the banding experiments: markdown table + pictures."""
+
+from __future__ import annotations
+
+import math
+import shlex
+from pathlib import Path
+
+import numpy as np
+
+from .._util import atomic_write_text
+
+ARTICLE = {
+    "baseline": "horizontal bands in 5b (article: 100% of 5b in its horizontal-bands type)",
+    "rotate": "vertical bands in 5b (article: 100% vertical type)",
+    "nopool": "no banding in 5b",
+    "xpool": "banding gone from 5b, visible in 5a",
+}
+
+
+def _pct(v) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
+
+
+def _f(v, nd=2) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
+
+
+def figures(res, out: Path) -> dict[str, str]:
+    """Write the pictures; returns name -> file name. Needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    import torch
+
+    from .figures import centre_pictures, picture_grid, tile
+    from .scenes import CLASSES, make_scenes
+
+    files = {}
+    runs = list(res.runs)
+    layers = sorted({k[1] for k in res.layers}, key=lambda s: ("3b", "5a", "5b").index(s) if s in ("3b", "5a", "5b") else 9)
+    fig, axes = plt.subplots(len(runs), len(layers), figsize=(3.2 * len(layers), 2.9 * len(runs)), squeeze=False)
+    for i, run in enumerate(runs):
+        for j, layer in enumerate(layers):
+            lb = res.layers[(run, layer)]
+            r = lb.record
+            picture_grid(lb, ax=axes[i][j], title=f"{run} {layer}: {r['orientation']}\nV_y {r['v_y_median']:.2f} V_x {r['v_x_median']:.2f}")
+    fig.tight_layout()
+    files["grids"] = "banding_grids.png"
+    fig.savefig(out / files["grids"], dpi=110)
+    plt.close(fig)
+
+    jt = res.joint_types
+    if jt:
+        k = len(jt["names"])
+        fig, axes = plt.subplots(1, k, figsize=(1.6 * k, 1.9))
+        for i, a in enumerate(np.atleast_1d(axes)):
+            a.imshow(np.clip(centre_pictures(jt["centres"])[i][..., :3], 0, 1), interpolation="nearest")
+            a.set_axis_off()
+            a.set_title(f"type {i}\n{jt['names'][i]}", fontsize=8)
+        fig.tight_layout()
+        files["types"] = "banding_types.png"
+        fig.savefig(out / files["types"], dpi=110)
+        plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(2.6 * len(runs), 2.8), squeeze=False)
+    for i, run in enumerate(runs):
+        a = axes[0][i]
+        for layer, colour in (("5a", "C0"), ("5b", "C3")):
+            lb = res.layers.get((run, layer))
+            if lb is not None:
+                a.scatter(lb.v_y, lb.v_x, s=5, alpha=0.6, color=colour, label=layer)
+        a.plot([0, 1], [0, 1], color="grey", lw=0.5)
+        a.set_xlim(0, 1)
+        a.set_ylim(0, 1)
+        a.set_title(run, fontsize=9)
+        a.set_xlabel("V_y")
+        if i == 0:
+            a.set_ylabel("V_x")
+            a.legend(fontsize=7)
+    fig.tight_layout()
+    files["v"] = "banding_v.png"
+    fig.savefig(out / files["v"], dpi=110)
+    plt.close(fig)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = make_scenes(20, res.config.size, g, labels=torch.arange(20) % len(CLASSES))
+    img = tile(((x.permute(0, 2, 3, 1) / 2 + 0.5).clamp(0, 1)).numpy(), cols=10, pad=2)
+    fig, a = plt.subplots(figsize=(10, 2.3))
+    a.imshow(img)
+    a.set_axis_off()
+    a.set_title("training scenes, two per class (columns: " + ", ".join(c[0] for c in CLASSES) + ")", fontsize=7)
+    files["scenes"] = "banding_scenes.png"
+    fig.savefig(out / files["scenes"], dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return files
+
+
+def markdown(res, files: dict[str, str], command: str) -> str:
+    cfg = res.config
+    L = []
+    L.append("# Weight banding: the article's interventions at CPU scale\n")
+    L.append(f"Regenerate: `{command}`\n")
+    L.append(
+        f"Config `{cfg.name}`: {cfg.size}x{cfg.size} RGB inputs; convs {', '.join(f'{w}({k}x{k})' for w, k in zip(cfg.widths, cfg.kernels))} "
+        f"(conv1 | L2 pool | conv2 | L2 pool | 3a 3b | L2 pool | 5a 5b | head | FC), batch norm after every conv, "
+        f"final map {(cfg.size + 7) // 8}x{(cfg.size + 7) // 8}; SGD (Nesterov, momentum 0.9, weight decay {cfg.weight_decay}), "
+        f"one-cycle learning rate up to {cfg.lr}, {cfg.steps} steps of {cfg.batch} freshly generated images "
+        f"({cfg.steps * cfg.batch} images), seed {cfg.seed}; every run sees the same image stream.\n"
+    )
+    L.append("## Runs\n")
+    L.append("| experiment | head before FC | inputs | FC parameters | test accuracy | train seconds |")
+    L.append("| --- | --- | --- | --- | --- | --- |")
+    for name, run in res.runs.items():
+        L.append(f"| {name} | {run['head']} | {'rotated 90 degrees' if run['rotate'] else 'upright'} | {run['fc_params']} | "
+                 f"{100 * run['accuracy']:.1f}% | {run['train_seconds']:.0f} |")
+    L.append("\n(10 classes; chance 10%; a model that only knows which textures are present, not their vertical order, is capped near 50%.)\n")
+    jt = res.joint_types
+    if jt:
+        L.append("## Banding types (the article's appendix table)\n")
+        L.append("k-means (k = %d) over the colour-aligned, per-channel-centred, unit-norm NMF pictures of every neuron of 5a and 5b "
+                 "in all runs together, so that the columns mean the same in every row (the article clusters across its experiments the same way). "
+                 "Type names come from the V scores of the cluster centres.\n" % len(jt["names"]))
+        if "types" in files:
+            L.append(f"![cluster centres]({files['types']})\n")
+        head = " | ".join(f"type {i}: {n}" for i, n in enumerate(jt["names"]))
+        L.append(f"| experiment (layer) | {head} |")
+        L.append("| --- |" + " --- |" * len(jt["names"]))
+        for (run, layer), shares in jt["shares"].items():
+            L.append(f"| {run} (`{layer}`) | " + " | ".join(_pct(s) for s in shares) + " |")
+        L.append("")
+    L.append("## Banding scores\n")
+    L.append("V_y (V_x) = share of a neuron's NMF picture variance explained by its row (column) means; i.i.d. null "
+             "%.2f for 3x3 kernels. Banded: V >= 0.6 and 0.2 above the other axis. Orientation: at least 25%% of neurons "
+             "banded one way and twice as many as the other way.\n" % ((3 - 1) / (9 - 1)))
+    L.append("| experiment | layer | orientation | horizontally banded | vertically banded | median V_y | median V_x |")
+    L.append("| --- | --- | --- | --- | --- | --- | --- |")
+    for (run, layer), lb in res.layers.items():
+        r = lb.record
+        L.append(f"| {run} | {layer} | {r['orientation']} | {_pct(r['horizontal_fraction'])} | {_pct(r['vertical_fraction'])} | "
+                 f"{_f(r['v_y_median'])} | {_f(r['v_x_median'])} |")
+    L.append("")
+    if "grids" in files:
+        L.append("## Pictures\n")
+        L.append("Every neuron's posneg-NMF picture (3 components as RGB, colours aligned within a layer, similar neurons together, "
+                 "each neuron scaled to its own maximum).\n")
+        L.append(f"![NMF pictures]({files['grids']})\n")
+    if "v" in files:
+        L.append(f"![V_y against V_x per neuron]({files['v']})\n")
+    L.append("## Did the article's findings reproduce?\n")
+    for f in res.findings:
+        L.append(f"- **{f['intervention']}** - {f['claim']}: **{'reproduced' if f['reproduced'] else 'not reproduced'}**. {f['evidence']}.")
+    L.append("")
+    if "scenes" in files:
+        L.append("## Data\n")
+        L.append(f"![training scenes]({files['scenes']})\n")
+    return "\n".join(L) + "\n"
+
+
+def write_results(res, out, command: str | None = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = figures(res, out)
+    if command is None:
+        command = f"netanatomy experiment banding --config {res.config.name} --out {shlex.quote(str(out))}"
+    path = out / "banding.md"
+    atomic_write_text(path, markdown(res, files, command))
+    return path
