@@ -1,0 +1,348 @@
+"""Spectral health (analysis ``esd``): heavy-tailed self-regularisation metrics
+per layer, from the eigenvalue spectrum of each weight matrix.
+
+One row per matrix-bearing layer (fused q/k/v projections give one row per part,
+conv layers one pooled row plus, with ``per_slice``, one row per kernel
+position). Layers run in parallel threads (one BLAS thread each) on CPU, on the
+GPU when ``default_device()`` is CUDA. A layer that fails yields one row with
+its reason; a fit that fails or means nothing yields NaN and a reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ..analysis import AnalysisResult, LayerwiseAnalysis, Progress, register_analysis, run_layer_safely
+from ..errors import LayerError, UserError
+from ..model import CONV_KINDS, Layer, LayerKind, Model
+from .esd import Spectrum, choose_precision, layer_matrices, resolution_floor, shuffled, spectrum_of
+from .metrics import mp_fit, norm_metrics, randomization_metrics
+from .powerlaw import PowerLawFit, compare_tail, fit_power_law
+
+SPECTRAL_KINDS = frozenset(
+    {LayerKind.LINEAR, LayerKind.ATTENTION, LayerKind.EMBEDDING, LayerKind.CONV1D, LayerKind.CONV2D, LayerKind.CONV3D}
+)
+OVER_TRAINED = 2.0
+UNDER_TRAINED = 6.0
+
+# the columns of a row, in order (MP and randomisation columns only when asked for)
+COLUMNS = [
+    "layer", "kind", "N", "M", "slices", "num_evals", "alpha", "alpha_weighted", "D", "xmin", "xmax",
+    "sigma", "num_pl_spikes", "log_norm", "log_spectral_norm", "log_alpha_norm", "stable_rank",
+    "matrix_rank", "entropy", "lambda_max", "best_fit", "lr_pl_tpl", "p_pl_tpl", "lr_pl_exp",
+    "p_pl_exp", "warning", "fit_reason", "precision",
+]
+MP_COLUMNS = ["sigma_mp", "mp_lambda_minus", "mp_lambda_plus", "num_spikes", "mp_softrank"]
+RAND_COLUMNS = ["rand_lambda_max", "rand_mp_lambda_plus", "rand_distance", "rand_softrank", "num_traps"]
+SUMMARY_METRICS = ["log_norm", "alpha", "alpha_weighted", "log_alpha_norm", "log_spectral_norm", "stable_rank",
+                   "mp_softrank", "rand_distance"]
+
+
+@dataclass
+class SpectralOptions:
+    conv_mode: Literal["slices", "reshape"] = "slices"  # conv: kernel positions pooled, or one reshaped matrix
+    per_slice: bool = False  # conv: also one row per kernel position
+    min_tail: int = 5  # fewest eigenvalues in a fitted tail
+    ks: Literal["plfit", "sup"] = "plfit"  # KS distance variant (see powerlaw.py)
+    compare: bool = True  # likelihood ratios PL vs truncated PL vs exponential
+    mp_fit: bool = False  # Marchenko-Pastur bulk fit
+    randomize: bool = False  # ESD of the entry-shuffled matrix, correlation traps
+    seed: int = 0  # for randomize
+    precision: Literal["auto", "float32", "float64"] = "auto"
+    alpha_tol: float = 1e-3  # auto precision: redo in float64 if float32 could move alpha by more
+    workers: int = 0  # layers in parallel; 0 = one per CPU core (1 on GPU)
+    base: str | None = None  # path of a base model: analyse W - W_base, layers matched by name
+    keep_spectra: bool = True  # keep eigenvalues in result.extras for pictures
+
+
+def _warning(alpha: float, reason: str | None) -> str:
+    if reason is not None or not math.isfinite(alpha):
+        return "failed fit"
+    if alpha < OVER_TRAINED:
+        return "over-trained"
+    if alpha > UNDER_TRAINED:
+        return "under-trained"
+    return ""
+
+
+def _fit_values(sp: Spectrum, options: SpectralOptions) -> tuple[PowerLawFit, np.ndarray]:
+    lmax = sp.lambda_max
+    if not (lmax > 0):
+        return PowerLawFit(reason="all eigenvalues are zero (zero matrix)"), sp.evals[:0]
+    # drop eigenvalues that are zero within the resolution of the computation
+    thr = 4.0 * resolution_floor(lmax, sp.M, sp.precision)
+    ev = sp.evals[sp.evals > thr]
+    fit = fit_power_law(ev, min_tail=options.min_tail, ks=options.ks)
+    if fit.reason and ev.size < sp.evals.size and ev.size < options.min_tail:
+        fit.reason += f"; {sp.evals.size - ev.size} of {sp.evals.size} eigenvalues are numerically zero"
+    return fit, ev
+
+
+def _alpha_error_bound(sp: Spectrum, fit: PowerLawFit) -> float:
+    """How far the eigenvalue errors of the precision used could move alpha."""
+    if not fit.ok:
+        return 0.0
+    floor = sp.floor
+    tail = sp.evals[sp.evals >= fit.xmin]
+    denom = float(np.log(tail / fit.xmin).sum())
+    if denom <= 0 or fit.xmin <= floor:
+        return math.inf
+    spread = float((floor / tail).sum()) + tail.size * floor / (fit.xmin - floor)
+    return (fit.alpha - 1.0) * spread / denom
+
+
+def spectral_row(
+    name: str,
+    kind: str,
+    batch: torch.Tensor,
+    options: SpectralOptions,
+    device=None,
+    seed_key: str | None = None,
+) -> tuple[dict, dict]:
+    """Metrics of one (count, rows, cols) batch of matrices -> (row, extras)."""
+    t0 = time.perf_counter()
+    sp = spectrum_of(batch, options.precision, device, keep_per_matrix=options.per_slice and batch.shape[0] > 1)
+    fit, ev = _fit_values(sp, options)
+    if sp.precision == "float32" and options.precision == "auto" and _alpha_error_bound(sp, fit) > options.alpha_tol:
+        sp = spectrum_of(batch, "float64", device, keep_per_matrix=sp.per_matrix is not None)
+        fit, ev = _fit_values(sp, options)
+    row: dict[str, Any] = {
+        "layer": name,
+        "kind": kind,
+        "N": sp.N,
+        "M": sp.M,
+        "slices": sp.count,
+        "num_evals": int(sp.evals.size),
+        "alpha": fit.alpha,
+        "D": fit.D,
+        "xmin": fit.xmin,
+        "xmax": fit.xmax,
+        "sigma": fit.sigma,
+        "num_pl_spikes": fit.n_tail,
+    }
+    row.update(norm_metrics(sp, fit.alpha))
+    row["lambda_max"] = sp.lambda_max
+    if options.compare and fit.ok:
+        cmp = compare_tail(ev, fit)
+        row.update(best_fit=cmp.best, lr_pl_tpl=cmp.R_tpl, p_pl_tpl=cmp.p_tpl, lr_pl_exp=cmp.R_exp, p_pl_exp=cmp.p_exp)
+    row["warning"] = _warning(fit.alpha, fit.reason)
+    row["fit_reason"] = fit.reason
+    row["precision"] = sp.precision
+    extras: dict[str, Any] = {"evals": sp.evals, "fit": (fit.alpha, fit.xmin, fit.xmax, fit.n_tail)}
+    if options.mp_fit:
+        mp = mp_fit(sp)
+        row.update(mp)
+        extras["mp"] = (mp["mp_lambda_minus"], mp["mp_lambda_plus"], mp["sigma_mp"])
+    if options.randomize:
+        gen = torch.Generator().manual_seed(int(options.seed) * 1_000_003 + zlib.crc32((seed_key or name).encode()))
+        shuf = shuffled(batch, gen)
+        rsp = spectrum_of(shuf, sp.precision, device)
+        var = _entry_variance(batch)
+        row.update(randomization_metrics(sp, rsp, var))
+        extras["rand_evals"] = rsp.evals
+    row["seconds"] = time.perf_counter() - t0
+    if sp.per_matrix is not None:
+        extras["per_matrix"] = sp.per_matrix
+    return row, extras
+
+
+def _entry_variance(batch: torch.Tensor) -> float:
+    """Mean over matrices of each matrix's entry variance (float64)."""
+    b = batch.reshape(batch.shape[0], -1)
+    vs = [float(b[i].to(torch.float64).var(unbiased=False)) for i in range(b.shape[0])]
+    return float(np.mean(vs))
+
+
+def _slice_labels(kernel: tuple[int, ...]) -> list[str]:
+    return [",".join(map(str, idx)) for idx in np.ndindex(*kernel)]
+
+
+@register_analysis("esd")
+class SpectralAnalysis(LayerwiseAnalysis):
+    title = "Spectral health (ESD)"
+    description = (
+        "Eigenvalue spectrum of each layer's correlation matrix W^T W / N and a power-law fit of its "
+        "tail (Clauset-Shalizi-Newman). alpha in [2, 6] is typical of well-trained layers; alpha < 2 "
+        "flags over-trained layers, alpha > 6 under-trained ones. Also norm metrics, ranks, entropy, "
+        "tail-model comparisons and, on request, the Marchenko-Pastur bulk and randomisation tests."
+    )
+    Options = SpectralOptions
+
+    def __init__(self) -> None:
+        self._base: Model | None = None
+        self._device = None
+
+    def applies_to(self, layer: Layer) -> bool:
+        return layer.kind in SPECTRAL_KINDS and len(layer.shape) >= 2
+
+    # -- one layer ------------------------------------------------------------
+    def _weight(self, layer: Layer) -> torch.Tensor:
+        w = layer.weight()
+        if self._base is None:
+            return w
+        if layer.name not in self._base:
+            raise LayerError(f"{layer.name}: no layer of that name in the base model")
+        wb = self._base[layer.name].weight()
+        if tuple(wb.shape) != tuple(w.shape):
+            raise LayerError(f"{layer.name}: shape {tuple(w.shape)} differs from the base model's {tuple(wb.shape)}")
+        return w - wb
+
+    def analyze_layer(self, layer: Layer, options: SpectralOptions) -> list[dict]:
+        w = self._weight(layer)
+        rows = []
+        for name, batch in layer_matrices(layer, w, options.conv_mode):
+            row, extras = spectral_row(name, str(layer.kind), batch, options, self._device)
+            if layer.fused > 1:
+                row["part"] = name[len(layer.name):].strip("[]")
+            row["_extras"] = extras
+            rows.append(row)
+            per = extras.pop("per_matrix", None)
+            if per is not None and options.per_slice and layer.kind in CONV_KINDS:
+                labels = _slice_labels(layer.kernel_size)
+                for k, lab in enumerate(labels):
+                    srow, sx = spectral_row(
+                        f"{name}[pos={lab}]", str(layer.kind), batch[k : k + 1],
+                        dataclasses.replace(options, per_slice=False), self._device,
+                    )
+                    srow["slice"] = lab
+                    srow["_extras"] = sx
+                    rows.append(srow)
+        return rows
+
+    # -- the run -----------------------------------------------------------------
+    def run(self, model: Model, options: SpectralOptions | None = None, progress: Progress | None = None) -> AnalysisResult:
+        from .._util import default_device
+
+        options = options if options is not None else self.make_options()
+        self._device = default_device()
+        self._base = None
+        if options.base:
+            from ..io import load
+
+            self._base = load(options.base)
+        layers = [layer for layer in model.layers if self.applies_to(layer)]
+        workers = options.workers
+        if workers <= 0:
+            workers = 1 if self._device.type != "cpu" else max(1, min(os.cpu_count() or 1, len(layers)))
+        start = time.perf_counter()
+        results: list[list[dict]] = [[] for _ in layers]
+        threads = torch.get_num_threads()
+        try:
+            if workers > 1:
+                torch.set_num_threads(1)  # one BLAS thread per layer; layers fill the cores
+                with ThreadPoolExecutor(max_workers=workers) as pool:
+                    futs = {pool.submit(run_layer_safely, self.analyze_layer, layer, options): i for i, layer in enumerate(layers)}
+                    done = 0
+                    for fut in _as_completed(futs):
+                        results[futs[fut]] = fut.result()
+                        done += 1
+                        if progress:
+                            progress(layers[futs[fut]].name, done, len(layers))
+            else:
+                for i, layer in enumerate(layers):
+                    if progress:
+                        progress(layer.name, i, len(layers))
+                    results[i] = run_layer_safely(self.analyze_layer, layer, options)
+        finally:
+            torch.set_num_threads(threads)
+        if progress:
+            progress("", len(layers), len(layers))
+        records: list[dict] = []
+        spectra: dict[str, dict] = {}
+        for rows in results:
+            for r in rows:
+                ex = r.pop("_extras", None)
+                if ex is not None and options.keep_spectra:
+                    spectra[r["layer"]] = ex
+                records.append(r)
+        result = AnalysisResult(analysis=self.name, records=records, options=dataclasses.asdict(options))
+        result.extras["spectra"] = spectra
+        result.summary = self.summarize(result.ok_records, options)
+        result.summary.setdefault("layers_analysed", len(result.ok_records))
+        result.summary.setdefault("layers_failed", len(result.errors))
+        result.seconds = time.perf_counter() - start
+        self._base = None
+        return result
+
+    def summarize(self, records: list[dict], options: Any) -> dict:
+        return summarize_rows(records)
+
+    def render(self, result: AnalysisResult) -> list:
+        from .report import render_result
+
+        return render_result(self, result)
+
+
+def _as_completed(futs):
+    from concurrent.futures import as_completed
+
+    return as_completed(futs)
+
+
+def summarize_rows(records: list[dict]) -> dict:
+    """Model-level means over layer rows (per-slice rows excluded), as the peer's
+    ``get_summary``, plus counts of flagged layers."""
+    rows = [r for r in records if "slice" not in r and not r.get("error")]
+    out: dict[str, Any] = {}
+    for key in SUMMARY_METRICS:
+        vals = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(float(r[key]))]
+        if vals:
+            out[key] = float(np.mean(vals))
+    out["over_trained"] = sum(1 for r in rows if r.get("warning") == "over-trained")
+    out["under_trained"] = sum(1 for r in rows if r.get("warning") == "under-trained")
+    out["failed_fits"] = sum(1 for r in rows if r.get("warning") == "failed fit")
+    return out
+
+
+def describe(model: Model, options: SpectralOptions | None = None) -> list[dict]:
+    """What ``esd`` would compute, without reading any tensor: one row per ESD
+    with matrix sizes, eigenvalue counts and the precision ``auto`` starts with."""
+    options = options or SpectralOptions()
+    rows = []
+    for layer in model.layers:
+        if layer.kind not in SPECTRAL_KINDS or len(layer.shape) < 2:
+            continue
+        shape = tuple(layer.shape)
+        out = shape[0] // max(layer.fused, 1)
+        rest = shape[1:]
+        if layer.kind in CONV_KINDS and options.conv_mode == "slices":
+            count, a, b = int(np.prod(rest[1:])) if len(rest) > 1 else 1, out, rest[0]
+        else:
+            count, a, b = 1, out, int(np.prod(rest))
+        parts = ("q", "k", "v") if layer.fused == 3 else tuple(str(i) for i in range(layer.fused)) if layer.fused > 1 else (None,)
+        for p in parts:
+            rows.append(
+                {
+                    "layer": layer.name if p is None else f"{layer.name}[{p}]",
+                    "kind": str(layer.kind),
+                    "N": max(a, b),
+                    "M": min(a, b),
+                    "slices": count,
+                    "num_evals": count * min(a, b),
+                    "precision": choose_precision((count, a, b), options.precision),
+                    "dtype": layer.dtype,
+                }
+            )
+    return rows
+
+
+def analyze(model_or_path, **options) -> AnalysisResult:
+    """Convenience: ``analyze("model.safetensors", mp_fit=True)``."""
+    from ..io import load
+
+    model = model_or_path if isinstance(model_or_path, Model) else load(model_or_path)
+    names = {f.name for f in dataclasses.fields(SpectralOptions)}
+    bad = set(options) - names
+    if bad:
+        raise UserError(f"esd has no option {', '.join(sorted(bad))} (options: {', '.join(sorted(names))})")
+    return SpectralAnalysis().run(model, SpectralOptions(**options))

@@ -1,0 +1,176 @@
+"""Eigenvalues of layer correlation matrices.
+
+Normalisation: for a matrix W with N >= M (N the larger side) the empirical
+spectral density (ESD) is the set of eigenvalues of ``X = W^T W / N`` (M
+values; equivalently ``sigma_i^2 / N`` for the singular values of W). With this
+scale an i.i.d. matrix with entry variance ``s^2`` has its Marchenko-Pastur
+bulk on ``s^2 (1 -+ sqrt(M/N))^2``. Power-law exponents do not depend on the
+scale; the norm metrics are computed from the unnormalised ``sigma_i^2`` (see
+``metrics``).
+
+How a layer becomes matrices:
+
+* linear / attention / embedding: the (out, in) weight, one matrix; a fused
+  projection (``layer.fused > 1``) is split into its parts, one ESD each;
+* conv (out, in/groups, *kernel): ``conv_mode="slices"`` (default) takes each
+  kernel position as its own (out x in/groups) matrix and pools the
+  eigenvalues of all positions into one layer ESD (the kernel size is never a
+  matrix dimension, for conv1d as for conv2d/3d); ``"reshape"`` uses the
+  (out x in/groups * prod(kernel)) matrix instead.
+
+Computation: Gram matrix (the smaller side) and ``torch.linalg.eigvalsh``,
+batched over kernel positions, on ``default_device()``. ``precision="auto"``
+uses float64 for small matrices (cheap) and float32 for large ones; callers
+re-run in float64 when the float32 resolution could move the fit (see
+:func:`resolution_floor`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..model import CONV_KINDS, Layer
+
+EPS32 = float(np.finfo(np.float32).eps)
+EPS64 = float(np.finfo(np.float64).eps)
+# below this many multiply-adds in the Gram product, float64 costs nothing worth saving
+SMALL_FLOPS = 2.0**31
+
+
+@dataclass
+class Spectrum:
+    """The ESD of one matrix or of a pooled group of equally shaped matrices."""
+
+    evals: np.ndarray  # ascending, normalised: sigma^2 / N, float64, all matrices pooled
+    N: int  # larger side of each matrix
+    M: int  # smaller side (eigenvalues per matrix)
+    count: int  # number of matrices pooled
+    fro2: float  # sum of sigma^2 (= squared Frobenius norm of all matrices)
+    precision: str  # "float32" | "float64"
+    per_matrix: np.ndarray | None = field(default=None, repr=False)  # (count, M) normalised
+
+    @property
+    def raw_evals(self) -> np.ndarray:
+        """Unnormalised squared singular values."""
+        return self.evals * self.N
+
+    @property
+    def lambda_max(self) -> float:
+        return float(self.evals[-1]) if self.evals.size else math.nan
+
+    @property
+    def floor(self) -> float:
+        """Eigenvalues below this (normalised units) are not resolved."""
+        return resolution_floor(self.lambda_max, self.M, self.precision)
+
+
+def resolution_floor(lambda_max: float, M: int, precision: str) -> float:
+    """Absolute error scale of Gram + eigvalsh eigenvalues: about sqrt(M) * eps *
+    lambda_max (measured: 3e-6 * lambda_max for M = 1024 in float32); times 4 for
+    safety."""
+    eps = EPS32 if precision == "float32" else EPS64
+    return 4.0 * math.sqrt(max(M, 1)) * eps * max(lambda_max, 0.0)
+
+
+def matrix_stack(w: torch.Tensor, conv: bool, conv_mode: str = "slices") -> torch.Tensor:
+    """A weight in canonical layout -> a (count, rows, cols) batch of matrices."""
+    if w.dim() == 1:
+        return w.reshape(1, 1, -1)
+    if w.dim() == 2:
+        return w.unsqueeze(0)
+    if not conv or conv_mode == "reshape":
+        return w.reshape(1, w.shape[0], -1)
+    if conv_mode != "slices":
+        raise ValueError(f"conv_mode must be 'slices' or 'reshape', not {conv_mode!r}")
+    out, inn = w.shape[0], w.shape[1]
+    k = int(np.prod(w.shape[2:]))
+    # (out, in, *k) -> (k, out, in): every kernel position is its own matrix
+    return w.reshape(out, inn, k).permute(2, 0, 1)
+
+
+def layer_matrices(
+    layer: Layer, weight: torch.Tensor | None = None, conv_mode: str = "slices"
+) -> list[tuple[str, torch.Tensor]]:
+    """``[(row name, (count, rows, cols) batch)]`` for one layer (fused parts split)."""
+    w = layer.weight() if weight is None else weight
+    parts = layer.split_fused(w) if layer.fused > 1 else [(layer.name, w)]
+    conv = layer.kind in CONV_KINDS
+    return [(name, matrix_stack(p, conv, conv_mode)) for name, p in parts]
+
+
+def choose_precision(batch_shape: tuple[int, ...], precision: str) -> str:
+    if precision in ("float32", "float64"):
+        return precision
+    if precision != "auto":
+        raise ValueError(f"precision must be auto, float32 or float64, not {precision!r}")
+    count, a, b = batch_shape
+    flops = float(count) * max(a, b) * min(a, b) ** 2
+    return "float64" if flops <= SMALL_FLOPS else "float32"
+
+
+def gram_eigvalsh(batch: torch.Tensor, dtype: torch.dtype, device=None, chunk_elems: int = 1 << 26) -> torch.Tensor:
+    """Squared singular values (ascending, clamped at 0) of each matrix in a
+    (count, rows, cols) batch, via the Gram matrix of the smaller side."""
+    count, a, b = batch.shape
+    out = []
+    # a few matrices at a time so that huge conv layers stay within memory
+    per = max(1, chunk_elems // max(1, a * b + min(a, b) ** 2))
+    for s in range(0, count, per):
+        w = batch[s : s + per].to(device=device, dtype=dtype)
+        if a >= b:
+            g = w.transpose(1, 2) @ w
+        else:
+            g = w @ w.transpose(1, 2)
+        del w
+        ev = torch.linalg.eigvalsh(g)
+        del g
+        out.append(ev.clamp_min_(0).cpu())
+    return torch.cat(out, 0)
+
+
+def spectrum_of(
+    batch: torch.Tensor, precision: str = "auto", device=None, keep_per_matrix: bool = False
+) -> Spectrum:
+    """The pooled ESD of a (count, rows, cols) batch of matrices."""
+    count, a, b = batch.shape
+    N, M = max(a, b), min(a, b)
+    prec = choose_precision(tuple(batch.shape), precision)
+    dtype = torch.float32 if prec == "float32" else torch.float64
+    sq = gram_eigvalsh(batch, dtype, device).to(torch.float64)  # (count, M)
+    # the squared Frobenius norm from the weights themselves (exact, any precision)
+    fro2 = frobenius2(batch)
+    ev = (sq / N).numpy()
+    pooled = np.sort(ev.reshape(-1))
+    return Spectrum(
+        evals=pooled,
+        N=N,
+        M=M,
+        count=count,
+        fro2=fro2,
+        precision=prec,
+        per_matrix=ev if keep_per_matrix else None,
+    )
+
+
+def frobenius2(batch: torch.Tensor, chunk_elems: int = 1 << 22) -> float:
+    """Squared Frobenius norm accumulated in float64, a slab at a time."""
+    flat = batch.reshape(-1)
+    total = 0.0
+    for s in range(0, flat.numel(), chunk_elems):
+        total += float(flat[s : s + chunk_elems].to(torch.float64).square().sum())
+    return total
+
+
+def shuffled(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each matrix of the batch with its entries randomly permuted (seeded)."""
+    count, a, b = batch.shape
+    flat = batch.reshape(count, a * b)
+    out = torch.empty_like(flat)
+    for i in range(count):
+        perm = torch.randperm(a * b, generator=generator)
+        out[i] = flat[i, perm]
+    return out.reshape(count, a, b)
