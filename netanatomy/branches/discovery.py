@@ -441,7 +441,10 @@ def discover(model: Model, *, max_groups: int = 64, min_group_width: int = 2) ->
     notes: list[str] = []
     flow, why = _flow(model)
     if flow is None:
-        notes.append(f"no graph ({why}): only grouped convolutions are treated as branches")
+        extra = "" if model.module is not None or model.format == "onnx" else (
+            "; a bare weights file does not record convolution groups either"
+        )
+        notes.append(f"no graph ({why}): only grouped convolutions are treated as branches{extra}")
     points = _group_points(model, flow, max_groups, min_group_width, notes)
     if flow is not None:
         points += _concat_points(model, flow, notes)

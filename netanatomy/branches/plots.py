@@ -41,9 +41,11 @@ def plot_svd_map(pair, filters: np.ndarray | None = None, variant: str = "uncent
         ax.set_ylim(y.min() - size, y.max() + size)
         ax.set_aspect("auto")
     else:
-        sc = ax.scatter(x, y, c=colour_by if colour_by is not None else "C0", s=14, cmap="viridis")
         if colour_by is not None:
+            sc = ax.scatter(x, y, c=colour_by, s=14, cmap="viridis")
             fig.colorbar(sc, ax=ax, label=colour_label)
+        else:
+            ax.scatter(x, y, s=14, color="C0")
     who = pair.layer1 if side == "left" else pair.layer2
     ax.set_xlabel(f"singular vector {a}")
     ax.set_ylabel(f"singular vector {b}")
