@@ -176,11 +176,11 @@ def _compute_key(k: str, plan: _Plan, sources: list[Source], weights: list[float
     acc_dtype = torch.complex128 if plan.out_dtype[k].is_complex else torch.float64
     acc = torch.zeros(plan.shape[k], dtype=acc_dtype)
     for i in hs:
-        w = weights[i] / total
-        if w == 0.0:
+        if weights[i] == 0.0:
             continue
-        acc.add_(sources[i].get(k).to(acc_dtype), alpha=w)
-    return _cast_down(acc, plan.out_dtype[k])
+        t = sources[i].get(k)  # add_ casts element-wise into the float64 accumulator
+        acc.add_(t) if weights[i] == 1.0 else acc.add_(t, alpha=weights[i])
+    return _cast_down(acc.div_(total), plan.out_dtype[k])
 
 
 def average(
@@ -211,6 +211,9 @@ def average(
         dtype = parse_dtype(dtype)
     sources = [open_source(c, name=f"checkpoint {i}", key=key) for i, c in enumerate(checkpoints)]
     w = _check_weights(weights, len(sources))
+    # accumulate with the raw weights and divide once per key (a uniform mean is
+    # an exact float64 sum divided by the count, as timm's avg_checkpoints does)
+    raw = [1.0] * len(sources) if weights is None else [float(x) for x in weights]
     plan = _plan(sources, allow_missing, dtype)
     keep = keep_in_memory if keep_in_memory is not None else out is None
     labels = [source_label(s) for s in sources]
@@ -230,9 +233,9 @@ def average(
     def emit_all(emit) -> None:
         if all(s.lazy for s in sources):
             for k in plan.keys:
-                emit(k, _compute_key(k, plan, sources, w, non_float))
+                emit(k, _compute_key(k, plan, sources, raw, non_float))
         else:
-            for k, t in _checkpoint_major(plan, sources, w, non_float):
+            for k, t in _checkpoint_major(plan, sources, raw, non_float):
                 emit(k, t)
 
     def remember(k, t):
@@ -271,7 +274,8 @@ def _checkpoint_major(plan: _Plan, sources: list[Source], w: list[float], non_fl
                 if a is None:
                     a = acc[k] = torch.zeros(plan.shape[k], dtype=torch.complex128 if plan.out_dtype[k].is_complex else torch.float64)
                 if w[i] > 0:
-                    a.add_(src.get(k).to(a.dtype), alpha=w[i] / totals[k])
+                    t = src.get(k)
+                    a.add_(t) if w[i] == 1.0 else a.add_(t, alpha=w[i])
             else:
                 keep_it = non_float == "equal" or (non_float == "first" and k not in picks) or non_float == "last"
                 if keep_it:
@@ -281,7 +285,7 @@ def _checkpoint_major(plan: _Plan, sources: list[Source], w: list[float], non_fl
         del src
     for k in plan.keys:
         if plan.is_float[k]:
-            yield k, _cast_down(acc.pop(k), plan.out_dtype[k])
+            yield k, _cast_down(acc.pop(k).div_(totals[k]), plan.out_dtype[k])
         else:
             yield k, _pick(k, picks[k], non_float, sources)
 
