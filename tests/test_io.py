@@ -348,8 +348,9 @@ def test_random_bytes_give_load_error(tmp_path, suffix):
         pytest.importorskip("onnx")
     p = tmp_path / f"junk{suffix}"
     p.write_bytes(np.random.default_rng(1).bytes(3000))
-    with pytest.raises(LoadError):
+    with pytest.raises(LoadError) as info:
         na.load(p)
+    assert not isinstance(info.value, UnsafeFileError)  # corrupt, not hostile
 
 
 def test_missing_empty_and_weightless(tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -74,25 +75,71 @@ def _torch_load(path: Path):
         raise LoadError(f"{path}: cannot read ({exc.strerror})") from None
     is_zip = magic[:2] == b"PK"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as exc:
-        msg = str(exc)
-        if "Weights only load failed" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
-            what = _unsafe_global(msg)
+        unsafe = _code_references(path, is_zip)
+        if unsafe is None:
+            raise LoadError(f"{path}: not a PyTorch checkpoint or corrupt") from None
+        if unsafe or "Unsupported global" in str(exc):
+            what = f" ({', '.join(unsafe[:3])})" if unsafe else ""
             raise UnsafeFileError(
                 f"{path}: refused: unpickling it would run code{what}; "
                 "save the model's state_dict() instead (netanatomy only loads weights)"
             ) from None
-        raise LoadError(f"{path}: not a PyTorch checkpoint or corrupt ({_first_line(msg)})") from None
+        raise LoadError(f"{path}: unsupported checkpoint contents ({_weights_error(str(exc))})") from None
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError, IndexError, TypeError, AttributeError, ImportError) as exc:
         raise LoadError(f"{path}: not a PyTorch checkpoint or corrupt ({_first_line(str(exc)) or type(exc).__name__})") from None
 
 
-def _unsafe_global(msg: str) -> str:
+# Globals a weights-only checkpoint may name; anything else would import code.
+_SAFE_GLOBAL_PREFIXES = (
+    "torch.",
+    "collections.OrderedDict",
+    "_codecs.encode",
+    "builtins.set",
+    "builtins.frozenset",
+    "builtins.bytearray",
+    "numpy.core.multiarray._reconstruct",
+    "numpy.dtype",
+    "numpy.ndarray",
+)
+
+
+def _code_references(path: Path, is_zip: bool) -> list[str] | None:
+    """Globals that the file's pickle would import, found by reading its opcodes
+    (nothing is executed). ``None`` if the file is not a readable pickle."""
+    import pickletools
+
+    try:
+        if is_zip:
+            with zipfile.ZipFile(path) as zf:
+                member = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                if member is None:
+                    return None
+                data = zf.read(member)
+        else:
+            data = path.read_bytes()
+        found: list[str] = []
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(str(arg))
+            elif op.name == "GLOBAL":
+                found.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # any malformed byte stream: not a pickle we can read
+        return None
+    return [g for g in dict.fromkeys(found) if not g.startswith(_SAFE_GLOBAL_PREFIXES)]
+
+
+def _weights_error(msg: str) -> str:
     import re
 
-    m = re.search(r"(?:Unsupported global: GLOBAL|global) ([\w.]+)", msg)
-    return f" ({m.group(1)})" if m else ""
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", msg)
+    return m.group(1).strip().splitlines()[0][:160] if m else _first_line(msg)
 
 
 def _first_line(msg: str) -> str:
