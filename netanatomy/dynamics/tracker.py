@@ -195,8 +195,9 @@ class WidthTracker:
     @_guarded()
     def step(self, n: int = 1) -> None:
         """Call after each optimiser step."""
-        self.global_step += n
-        if self.every and self.global_step % self.every == 0:
+        before = self.global_step
+        self.global_step += int(n)
+        if self.every and self.global_step // self.every != before // self.every:
             self._record("step")
 
     @_guarded()
@@ -220,6 +221,9 @@ class WidthTracker:
     @_guarded()
     def flush(self) -> None:
         """Move pending points to the host (one synchronisation for the batch)."""
+        self._flush()
+
+    def _flush(self) -> None:
         if self._pending:
             stacked = torch.stack([p[3] for p in self._pending]).cpu().tolist()
             for (kind, step, epoch, _), row in zip(self._pending, stacked):
@@ -255,6 +259,11 @@ class WidthTracker:
 
         if self.enabled:
             self.flush()
+        else:  # keep what was computed before the tracker was disabled
+            try:
+                self._flush()
+            except Exception:
+                self._pending, self._pending_sim, self._pending_metrics = [], [], []
         L = len(self.groups)
         rows = []
         for kind, step, epoch, row in self._points:
