@@ -157,3 +157,33 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
 
             atomic_write_text(out, dumps({"curve": curve.to_records(), "barrier": barrier, "higher_is_better": higher_is_better}, indent=1) + "\n")
             console.print(f"wrote {out}", markup=False)
+
+    @experiment_app.command("synthesis")
+    def experiment_cmd(
+        config: str = typer.Option("full", "--config", help="full (the reported run, ~25 min on one core) or quick (smoke test)."),
+        out: Path = typer.Option(Path("results"), "--out", help="Folder for synthesis.md, synthesis.json and the figure."),
+    ) -> None:
+        """Fashion-MNIST: greedy and uniform soups vs the best member; interpolation barriers before/after alignment, with and without BN recalibration."""
+        from .._util import atomic_write_text, dumps
+        from .experiment import CONFIGS, plot_curves, render_markdown, run
+
+        if config not in CONFIGS:
+            raise UserError(f"--config is one of {', '.join(CONFIGS)}, got {config!r}")
+        if out.exists() and not out.is_dir():
+            raise UserError(f"{out}: exists and is not a folder")
+        console = _console()
+        res = run(config, log=lambda m: console.print(m, markup=False))
+        out.mkdir(parents=True, exist_ok=True)
+        stem = "synthesis" if config == "full" else f"synthesis_{config}"
+        figure = None
+        try:
+            fig = plot_curves(res)
+            figure = f"{stem}_interpolation.png"
+            fig.savefig(out / figure, dpi=110)
+        except ImportError:
+            console.print("note: matplotlib not installed; no figure", markup=False)
+        command = "netanatomy experiment synthesis" + ("" if config == "full" else f" --config {config}") + f" --out {out}"
+        doc = {k: v for k, v in res.items() if not k.startswith("_")}
+        atomic_write_text(out / f"{stem}.json", dumps(doc, indent=1) + "\n")
+        atomic_write_text(out / f"{stem}.md", render_markdown(res, command, figure))
+        console.print(f"wrote {out / (stem + '.md')}", markup=False)
