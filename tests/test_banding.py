@@ -270,7 +270,8 @@ def test_experiment_quick_smoke(tmp_path):
     assert net.final == 7 and net.fc.in_features == 4 * 7
     torch.set_num_threads(1)
     res = run_experiment("quick", tmp_path)
-    md = (tmp_path / "banding.md").read_text()
+    md = (tmp_path / "banding_quick.md").read_text()
+    assert (tmp_path / "banding_quick_grids.png").exists() or "![" not in md
     assert "netanatomy experiment banding --config quick" in md
     assert {f["intervention"] for f in res.findings} == set(CONFIGS["quick"].interventions)
     shares = res.joint_types["shares"]

@@ -13,7 +13,7 @@ from ..errors import UserError
 def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
     @experiment_app.command("banding")
     def banding_experiment(
-        config: str = typer.Option("small", "--config", help="quick (smoke test, seconds), small (this machine's budget), full"),
+        config: str = typer.Option("small", "--config", help="quick (smoke test, seconds), small (this machine's budget), small_long (baseline and rotation trained 3x longer), full"),
         out: Path = typer.Option(Path("results"), "--out", help="directory for banding.md, banding_*.png and banding_runs/"),
         only: Optional[str] = typer.Option(None, "--only", help="comma-separated interventions (baseline,rotate,nopool,xpool,xpool_rotate)"),
         threads: int = typer.Option(1, "--threads", help="torch CPU threads"),
@@ -48,4 +48,6 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
                              command="netanatomy experiment banding " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if len(sys.argv) > 3 else None)
         for f in res.findings:
             typer.echo(f"{f['intervention']}: {'reproduced' if f['reproduced'] else 'not reproduced'} - {f['evidence']}")
-        typer.echo(f"wrote {out / 'banding.md'}")
+        from .report import prefix_for
+
+        typer.echo(f"wrote {out / (prefix_for(res.config.name) + '.md')}")

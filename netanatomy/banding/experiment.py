@@ -61,6 +61,9 @@ CONFIGS = {
     "full": ExperimentConfig(),
     # the budget of a shared 2-core machine: narrower, 3x3 everywhere, 500 steps (about 6 minutes a run while the machine is shared)
     "small": ExperimentConfig(name="small", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=500),
+    # the small config trained three times longer, for the lever "longer training"
+    "small_long": ExperimentConfig(name="small_long", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=1500,
+                                   interventions=("baseline", "rotate")),
     "quick": ExperimentConfig(
         name="quick", size=28, widths=(4, 8, 8, 8, 12, 12), steps=6, batch=16, test_size=64,
         interventions=("baseline", "xpool"),
@@ -142,6 +145,7 @@ def train_one(cfg: ExperimentConfig, intervention: str, log: Callable[[str], Non
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, cfg.steps), pct_start=0.15)
     g = torch.Generator().manual_seed(cfg.seed + 1)  # same data stream for every intervention
     start = time.perf_counter()
+    cpu_start = time.process_time()
     net.train()
     loss_ema = math.nan
     for step in range(cfg.steps):
@@ -159,6 +163,7 @@ def train_one(cfg: ExperimentConfig, intervention: str, log: Callable[[str], Non
         if log and (step + 1) % max(1, cfg.steps // 10) == 0:
             log(f"{intervention}: step {step + 1}/{cfg.steps} loss {loss_ema:.3f} ({time.perf_counter() - start:.0f}s)")
     train_s = time.perf_counter() - start
+    cpu_s = time.process_time() - cpu_start
     net.eval()
     gt = torch.Generator().manual_seed(cfg.seed + 12345)
     correct = 0
@@ -175,6 +180,7 @@ def train_one(cfg: ExperimentConfig, intervention: str, log: Callable[[str], Non
         "accuracy": correct / max(1, cfg.test_size),
         "train_loss": loss_ema,
         "train_seconds": train_s,
+        "train_cpu_seconds": cpu_s,
         "fc_params": sum(p.numel() for p in net.fc.parameters()),
         "weights": {k: v.cpu() for k, v in net.conv_weights().items()},
         "init": {k: v.cpu() for k, v in init.items()},
@@ -210,7 +216,7 @@ class ExperimentResult:
         return rows
 
 
-def analyse_runs(cfg: ExperimentConfig, runs: dict[str, dict], layers=("3b", "5a", "5b")) -> ExperimentResult:
+def analyse_runs(cfg: ExperimentConfig, runs: dict[str, dict], layers=("1", "2", "3a", "3b", "5a", "5b")) -> ExperimentResult:
     res = ExperimentResult(config=cfg, runs=runs)
     for name, run in runs.items():
         for layer in layers:

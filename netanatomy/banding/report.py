@@ -26,7 +26,12 @@ def _f(v, nd=2) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{nd}f}"
 
 
-def figures(res, out: Path) -> dict[str, str]:
+def prefix_for(config_name: str) -> str:
+    """File prefix: ``banding`` for the default config, ``banding_<config>`` otherwise."""
+    return "banding" if config_name == "small" else f"banding_{config_name}"
+
+
+def figures(res, out: Path, prefix: str = "banding") -> dict[str, str]:
     """Write the pictures; returns name -> file name. Needs matplotlib."""
     try:
         import matplotlib
@@ -42,7 +47,7 @@ def figures(res, out: Path) -> dict[str, str]:
 
     files = {}
     runs = list(res.runs)
-    layers = sorted({k[1] for k in res.layers}, key=lambda s: ("3b", "5a", "5b").index(s) if s in ("3b", "5a", "5b") else 9)
+    layers = [name for name in ("3a", "3b", "5a", "5b") if any(k[1] == name for k in res.layers)]
     fig, axes = plt.subplots(len(runs), len(layers), figsize=(3.2 * len(layers), 2.9 * len(runs)), squeeze=False)
     for i, run in enumerate(runs):
         for j, layer in enumerate(layers):
@@ -50,7 +55,7 @@ def figures(res, out: Path) -> dict[str, str]:
             r = lb.record
             picture_grid(lb, ax=axes[i][j], title=f"{run} {layer}: {r['orientation']}\nV_y {r['v_y_median']:.2f} V_x {r['v_x_median']:.2f}")
     fig.tight_layout()
-    files["grids"] = "banding_grids.png"
+    files["grids"] = f"{prefix}_grids.png"
     fig.savefig(out / files["grids"], dpi=110)
     plt.close(fig)
 
@@ -63,7 +68,7 @@ def figures(res, out: Path) -> dict[str, str]:
             a.set_axis_off()
             a.set_title(f"type {i}\n{jt['names'][i]}", fontsize=8)
         fig.tight_layout()
-        files["types"] = "banding_types.png"
+        files["types"] = f"{prefix}_types.png"
         fig.savefig(out / files["types"], dpi=110)
         plt.close(fig)
 
@@ -83,7 +88,7 @@ def figures(res, out: Path) -> dict[str, str]:
             a.set_ylabel("V_x")
             a.legend(fontsize=7)
     fig.tight_layout()
-    files["v"] = "banding_v.png"
+    files["v"] = f"{prefix}_v.png"
     fig.savefig(out / files["v"], dpi=110)
     plt.close(fig)
 
@@ -94,7 +99,7 @@ def figures(res, out: Path) -> dict[str, str]:
     a.imshow(img)
     a.set_axis_off()
     a.set_title("training scenes, two per class (columns: " + ", ".join(c[0] for c in CLASSES) + ")", fontsize=7)
-    files["scenes"] = "banding_scenes.png"
+    files["scenes"] = f"{prefix}_scenes.png"
     fig.savefig(out / files["scenes"], dpi=110, bbox_inches="tight")
     plt.close(fig)
     return files
@@ -113,11 +118,12 @@ def markdown(res, files: dict[str, str], command: str) -> str:
         f"({cfg.steps * cfg.batch} images), seed {cfg.seed}; every run sees the same image stream.\n"
     )
     L.append("## Runs\n")
-    L.append("| experiment | head before FC | inputs | FC parameters | test accuracy | train seconds |")
-    L.append("| --- | --- | --- | --- | --- | --- |")
+    L.append("| experiment | head before FC | inputs | FC parameters | test accuracy | final train loss | wall seconds | CPU seconds |")
+    L.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, run in res.runs.items():
+        cpu = run.get("train_cpu_seconds")
         L.append(f"| {name} | {run['head']} | {'rotated 90 degrees' if run['rotate'] else 'upright'} | {run['fc_params']} | "
-                 f"{100 * run['accuracy']:.1f}% | {run['train_seconds']:.0f} |")
+                 f"{100 * run['accuracy']:.1f}% | {run['train_loss']:.3f} | {run['train_seconds']:.0f} | {'' if cpu is None else f'{cpu:.0f}'} |")
     L.append("\n(10 classes; chance 10%; a model that only knows which textures are present, not their vertical order, is capped near 50%.)\n")
     jt = res.joint_types
     if jt:
@@ -164,9 +170,10 @@ def markdown(res, files: dict[str, str], command: str) -> str:
 def write_results(res, out, command: str | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = figures(res, out)
+    prefix = prefix_for(res.config.name)
+    files = figures(res, out, prefix)
     if command is None:
         command = f"netanatomy experiment banding --config {res.config.name} --out {shlex.quote(str(out))}"
-    path = out / "banding.md"
+    path = out / f"{prefix}.md"
     atomic_write_text(path, markdown(res, files, command))
     return path
