@@ -23,7 +23,9 @@ def esd_plot(result, layer: str, ax=None, bins: int = 80):
     the MP bulk edges if fitted, and the shuffled-matrix ESD if computed."""
     sx = _spectrum(result, layer)
     ev = np.asarray(sx["evals"])
-    ev = ev[ev > 0]
+    # eigenvalues below 1e-9 of the largest are numerically zero; they would only
+    # stretch the log axis over many empty decades
+    ev = ev[ev > (ev.max() * 1e-9 if ev.size else 0)]
     fig, ax = new_axes(ax, figsize=(5.2, 3.6))
     if ev.size == 0:
         ax.text(0.5, 0.5, "no positive eigenvalues", ha="center", transform=ax.transAxes)
@@ -36,7 +38,7 @@ def esd_plot(result, layer: str, ax=None, bins: int = 80):
     rand = sx.get("rand_evals")
     if rand is not None:
         r = np.asarray(rand)
-        r = r[r > 0]
+        r = r[r > (r.max() * 1e-9 if r.size else 0)]
         if r.size:
             ax.hist(r, bins=np.logspace(np.log10(r.min()), np.log10(r.max()) + 1e-9, bins + 1), density=True,
                     histtype="step", color="C2", label="shuffled W")
