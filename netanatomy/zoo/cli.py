@@ -98,3 +98,99 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         if summary.failures:
             f = summary.failures[0]
             raise UserError(f"{len(summary.failures)} groups failed (first: {f.key}: {f.error}); re-run to retry them")
+
+    @zoo_app.command("predict")
+    def zoo_predict(
+        zoo: Path = typer.Argument(..., help="A zoo folder (ours, or the Small CNN Zoo's weights.npy + metrics.csv)."),
+        target: str = typer.Option("test_acc", "--target", help="Metrics column to predict."),
+        epochs: str = typer.Option("final", "--epochs", help="Rows: final, trained, all, or epochs like 1,2,3; comma-joined selections with '+', e.g. final+all."),
+        predictors: str = typer.Option("linear,gbm,mlp", "--predictors"),
+        splits: int = typer.Option(3, "--splits", help="Random splits by training run."),
+        test_fraction: float = typer.Option(0.2, "--test-fraction", help="Fraction of runs held out per split."),
+        seed: int = typer.Option(0, "--seed"),
+        esd: bool = typer.Option(False, "--esd", help="Add per-layer ESD metrics (netanatomy.spectral) to the features."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: ZOO/predict)."),
+        ray: Optional[str] = RayOpt,
+        workers: Optional[int] = WorkersOpt,
+    ) -> None:
+        """Predict accuracy from weight statistics; R^2 and Kendall's tau on held-out runs."""
+        from .._util import atomic_write, atomic_write_text, dumps
+        from ..parallel import get_executor
+        from .predict import PREDICTORS, predict_zoo, prediction_plot
+
+        preds = _csv(predictors, "--predictors")
+        for p in preds:
+            if p not in PREDICTORS:
+                raise UserError(f"unknown predictor {p!r}; choose from {', '.join(PREDICTORS)}")
+        if not 0 < test_fraction < 1:
+            raise UserError("--test-fraction must lie in (0, 1)")
+        if splits < 1:
+            raise UserError("--splits must be >= 1")
+        selections = tuple(s.strip() for s in epochs.split("+") if s.strip())
+        prog, cb = _progress("features")
+        with get_executor(ray, 0 if workers is None else workers) as ex, prog:
+            rep = predict_zoo(zoo, target, selections, preds, splits, test_fraction, seed, esd, ex, progress=cb)
+        out_dir = out or (zoo / "predict")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "report.json", dumps(rep.to_json(), indent=1))
+        atomic_write(out_dir / "predictions.parquet", lambda p: rep.predictions.to_parquet(p, index=False))
+        atomic_write(out_dir / "importances.csv", lambda p: rep.importances.to_csv(p, index=False))
+        summ = rep.summary_frame()
+        atomic_write(out_dir / "summary.csv", lambda p: summ.to_csv(p, index=False))
+        try:
+            import matplotlib  # noqa: F401
+
+            for sel in selections:
+                for name in preds:
+                    fig = prediction_plot(rep, name, sel)
+                    atomic_write(out_dir / f"scatter_{sel}_{name}.png", lambda p, f=fig: f.savefig(p, dpi=110, bbox_inches="tight", format="png"))
+        except ImportError:
+            pass
+        lines = [f"{r['selection']:>8} {r['predictor']:>6}: R2 {r['r2_mean']:.4f} (sd {r['r2_std']:.4f}), "
+                 f"tau {r['tau_mean']:.4f} (sd {r['tau_std']:.4f}) over {r['splits']} splits, {r['test_runs']:.0f} held-out runs"
+                 for r in summ.to_dict("records")]
+        top = ", ".join(f"{f} {v:.3f}" for f, v in zip(rep.importances["feature"][:5], rep.importances["importance"][:5]))
+        _out("\n".join(lines) + (f"\ntop features (gbm permutation importance): {top}" if top else "") + f"\nwrote {out_dir}")
+
+    @app.command("map")
+    def map_cmd(
+        zoo: Path = typer.Argument(..., help="A zoo folder."),
+        space: str = typer.Option("weights", "--space", help="weights (task vectors) or features (weight statistics)."),
+        base: str = typer.Option("mean", "--base", help="Task-vector base: mean, init (each run's epoch 0), none, or a checkpoint file."),
+        epochs: str = typer.Option("final", "--epochs", help="Rows: final, trained, all or epoch numbers."),
+        clusters: Optional[int] = typer.Option(None, "--clusters", help="k (default: distinct values of the first --labels column)."),
+        methods: str = typer.Option("kmeans,spectral", "--methods", help="kmeans, spectral."),
+        labels: str = typer.Option("activation,optimizer", "--labels", help="Metadata columns to score cluster purity against ('' for none)."),
+        color: Optional[str] = typer.Option(None, "--color", help="Metadata column to colour the map by (default: first label)."),
+        embedding: str = typer.Option("pca", "--embedding", help="pca, tsne or umap."),
+        seed: int = typer.Option(0, "--seed"),
+        out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: ZOO/map-<space>)."),
+    ) -> None:
+        """Distances between models, clusters, purity and a 2-D map of a zoo."""
+        from .._util import atomic_write, atomic_write_text, dumps
+        from .regions import map_plot, map_zoo
+
+        labs = tuple(v.strip() for v in labels.split(",") if v.strip())
+        meths = _csv(methods, "--methods")
+        res = map_zoo(zoo, space, base, epochs, clusters, meths, labs, embedding, seed)
+        out_dir = out or (zoo / f"map-{space}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "map.json", dumps(res.to_json(), indent=1))
+        frame = res.to_frame()
+        atomic_write(out_dir / "map.parquet", lambda p: frame.to_parquet(p, index=False))
+        colour = color or (labs[0] if labs else None)
+        try:
+            import matplotlib  # noqa: F401
+
+            fig = map_plot(res, colour)
+            atomic_write(out_dir / "map.png", lambda p: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
+        except ImportError:
+            pass
+        lines = [f"{len(frame)} models, {space} space, base {base}"]
+        for p in res.purity:
+            lines.append(f"  {p['method']:>8} k={p['k']} vs {p['label']}: purity {p['purity']:.3f} "
+                         f"(majority share {p['chance_purity']:.3f}), ARI {p['ari']:.3f}")
+        for d in res.distance_summary:
+            if d["space"].startswith("model"):
+                lines.append(f"  {d['space']} by {d['label']}: within {d['within']:.4g}, between {d['between']:.4g}")
+        _out("\n".join(lines) + f"\nwrote {out_dir}")

@@ -118,15 +118,15 @@ def select_rows(df, epochs: str = "final"):
     if epochs == "all":
         return np.ones(len(df), dtype=bool)
     if epochs == "trained":
-        return (df["epoch"] > 0).to_numpy()
+        return np.array(df["epoch"] > 0, dtype=bool)
     if epochs == "final":
         last = df.groupby("run")["epoch"].transform("max")
-        return (df["epoch"] == last).to_numpy()
+        return np.array(df["epoch"] == last, dtype=bool)
     try:
         wanted = {int(e) for e in epochs.split(",")}
     except ValueError:
         raise UserError(f"--epochs takes final, trained, all or a comma list of numbers, got {epochs!r}") from None
-    return df["epoch"].isin(wanted).to_numpy()
+    return np.array(df["epoch"].isin(wanted), dtype=bool)
 
 
 def fit_and_score(
