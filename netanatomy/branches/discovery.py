@@ -256,6 +256,7 @@ def _flow_from_fx(model: Model) -> tuple[_Flow | None, str]:
     gm = fx.GraphModule(module, graph)
     shapes_ok = _propagate_shapes(gm, model)
 
+    submodules = dict(module.named_modules())
     ids: dict[Any, int] = {}
     nodes: list[_Node] = []
     for node in graph.nodes:
@@ -282,7 +283,7 @@ def _flow_from_fx(model: Model) -> tuple[_Flow | None, str]:
             elif fname in ("flatten", "view", "reshape", "linear", "matmul", "mm", "bmm", "split", "chunk"):
                 label = "flatten" if fname not in ("split", "chunk") else "split"
             elif node.op == "call_module":
-                sub = dict(module.named_modules()).get(node.target)
+                sub = submodules.get(node.target)
                 if isinstance(sub, (nn.Flatten, nn.Linear)):
                     label = "flatten"
             if fname == "getattr":

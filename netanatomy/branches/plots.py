@@ -31,14 +31,16 @@ def plot_svd_map(pair, filters: np.ndarray | None = None, variant: str = "uncent
         ax.text(0.5, 0.5, "too few singular vectors", ha="center", transform=ax.transAxes)
         return fig
     x, y = coords[:, a], coords[:, b]
-    span = max(float(np.ptp(x)), float(np.ptp(y)), 1e-9)
     if side == "left" and filters is not None and filters.ndim == 4 and filters.shape[1] == 3:
-        size = span / max(8.0, np.sqrt(len(x)) * 1.6)
+        # tiles square on screen: their size in data units follows each axis's span
+        cells = max(8.0, np.sqrt(len(x)) * 1.6)
+        sx = max(float(np.ptp(x)), 1e-9) / cells
+        sy = max(float(np.ptp(y)), 1e-9) / cells
         for i in range(len(x)):
-            ax.imshow(filter_image(filters[i]), extent=(x[i] - size / 2, x[i] + size / 2, y[i] - size / 2, y[i] + size / 2),
+            ax.imshow(filter_image(filters[i]), extent=(x[i] - sx / 2, x[i] + sx / 2, y[i] - sy / 2, y[i] + sy / 2),
                       interpolation="nearest", zorder=3)
-        ax.set_xlim(x.min() - size, x.max() + size)
-        ax.set_ylim(y.min() - size, y.max() + size)
+        ax.set_xlim(x.min() - sx, x.max() + sx)
+        ax.set_ylim(y.min() - sy, y.max() + sy)
         ax.set_aspect("auto")
     else:
         if colour_by is not None:

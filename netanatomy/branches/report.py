@@ -91,13 +91,20 @@ def render_blocks(result: AnalysisResult) -> list:
         for pm in pairs[:MAX_MAPS]:
             inner = []
             filt = res.filters.get(pm.layer1)
-            for variant, vec in (("uncentred", (0, 1)), ("uncentred", (1, 2)), ("centred", (0, 1))):
-                if pm.maps[variant].left.shape[1] <= max(vec):
-                    continue
-                fig = plot_svd_map(pm, filt, variant=variant, vectors=vec)
-                inner.append(Image.from_figure(fig, f"{pm.layer1} neurons by {variant} singular vectors {vec[0]} and {vec[1]}."))
-            fig = plot_svd_map(pm, None, variant="uncentred", side="right", vectors=(1, 2) if pm.maps["uncentred"].right.shape[1] > 2 else (0, 1))
-            inner.append(Image.from_figure(fig, f"{pm.layer2} neurons by the right singular vectors."))
+            views = [(v, vec) for v, vec in (("uncentred", (0, 1)), ("uncentred", (1, 2)), ("centred", (0, 1)))
+                     if pm.maps[v].left.shape[1] > max(vec)]
+            if views:
+                import matplotlib.pyplot as plt
+
+                fig, axes = plt.subplots(1, len(views), figsize=(4.6 * len(views), 4.4), squeeze=False)
+                for ax, (variant, vec) in zip(axes[0], views):
+                    plot_svd_map(pm, filt, variant=variant, vectors=vec, ax=ax)
+                fig.tight_layout()
+                inner.append(Image.from_figure(fig, f"{pm.layer1} neurons placed by left singular vectors "
+                                               + ", ".join(f"{v} {a}/{b}" for v, (a, b) in views) + "."))
+            right = (1, 2) if pm.maps["uncentred"].right.shape[1] > 2 else (0, 1)
+            fig = plot_svd_map(pm, None, variant="uncentred", side="right", vectors=right)
+            inner.append(Image.from_figure(fig, f"{pm.layer2} neurons by the right singular vectors {right[0]} and {right[1]}."))
             if pm.correlations:
                 inner.append(Image.from_figure(plot_sv_correlations(pm, "uncentred"), "Pearson r of each left singular vector with the layer-1 descriptors (uncentred)."))
             head = pm.headline()
