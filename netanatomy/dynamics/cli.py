@@ -105,8 +105,10 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         out: Path = typer.Option(Path("netanatomy-width-experiment"), "--out", help="Output folder."),
         seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds for the planned-vs-original comparison."),
         threads: int = typer.Option(1, "--threads", help="torch threads."),
+        fresh: bool = typer.Option(False, "--fresh", help="Retrain runs already complete in --out."),
     ) -> None:
         """Narrow vs wide layer on Fashion-MNIST: DS/IS curves, sign changes, planned vs original model."""
         from .experiment import run_experiment
 
-        run_experiment(config, out, seeds=seeds, threads=threads, log=lambda s: typer.echo(s, err=True))
+        run_experiment(config, out, seeds=seeds, threads=threads, log=lambda s: typer.echo(s, err=True),
+                       reuse=not fresh)

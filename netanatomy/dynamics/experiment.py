@@ -36,7 +36,8 @@ class NetConfig:
     wide: int
     epochs: int
     train_n: int
-    plan_epochs: int | None = None
+    plan_epochs: int | None = None  # epochs of the planned-vs-original runs (default: epochs)
+    plan_train_n: int | None = None  # training images of those runs (default: train_n)
 
 
 @dataclass
@@ -50,6 +51,7 @@ class ExperimentConfig:
     batch: int = 128
     eval_n: int = 2000
     tau: float = 0.3
+    plan_tau: float | None = None  # tau of the verdicts the plan is made from (default: tau)
     plan_arch: list[str] = field(default_factory=lambda: ["mlp"])
 
 
@@ -61,11 +63,13 @@ CONFIGS = {
         eval_n=256,
         plan_arch=["mlp", "cnn"],
     ),
+    # what fits ~25 minutes of a shared 2-core machine: the MLP curves at full data, the
+    # planned-vs-original comparison on 10k images; tau 0.2 for the plan (see results/width.md)
     "quick": ExperimentConfig(
         "quick",
-        [NetConfig("mlp", 8, 256, epochs=30, train_n=60000, plan_epochs=15),
-         NetConfig("cnn", 4, 128, epochs=15, train_n=5000)],
+        [NetConfig("mlp", 8, 256, epochs=30, train_n=60000, plan_epochs=15, plan_train_n=10000)],
         seeds=3,
+        plan_tau=0.2,
     ),
     "full": ExperimentConfig(
         "full",
@@ -176,7 +180,10 @@ def _fresh(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def run_experiment(config: str, out: Path, seeds: int | None = None, threads: int = 1, log=print) -> dict:
+def run_experiment(config: str, out: Path, seeds: int | None = None, threads: int = 1, log=print,
+                   reuse: bool = True) -> dict:
+    """Run (or finish) the experiment; runs already complete in ``out`` are reused
+    when ``reuse`` (their curves and test accuracy are read back)."""
     from ..errors import UserError
     from .plan import make_plan
     from .rebuild import apply_plan, count_flops, count_params
@@ -202,27 +209,39 @@ def run_experiment(config: str, out: Path, seeds: int | None = None, threads: in
         runs = {}
         for label, width in (("narrow", net.narrow), ("wide", net.wide)):
             t0 = time.time()
-            torch.manual_seed(0)
-            model = FACTORY[net.arch]({MIDDLE[net.arch]: width})
-            tracker = WidthTracker(model, similarity_epochs=(0, 5, net.epochs))
-            acc, hist = train(model, data, net.epochs, cfg, seed=0, tracker=tracker)
             run_dir = out / f"{net.arch}_{label}"
-            tracker.save(run_dir)
-            rec = tracker.record()
+            done = run_dir / "result.json"
+            if reuse and done.exists() and (run_dir / "width_curves.parquet").exists():
+                from .record import WidthRecord
+
+                rec = WidthRecord.load(run_dir)
+                prev = json.loads(done.read_text())
+                acc, seconds = prev["test_acc"], prev["seconds"]
+                model = None
+                log(f"{net.arch} {label}: reusing the finished run in {run_dir}")
+            else:
+                torch.manual_seed(0)
+                model = FACTORY[net.arch]({MIDDLE[net.arch]: width})
+                tracker = WidthTracker(model, similarity_epochs=(0, 5, net.epochs))
+                acc, hist = train(model, data, net.epochs, cfg, seed=0, tracker=tracker)
+                tracker.save(run_dir)
+                rec = tracker.record()
+                seconds = time.time() - t0
+                atomic_write_text(done, dumps({"test_acc": acc, "seconds": seconds, "width": width}))
             analysis = analyze_record(rec, RuleOptions(tau=cfg.tau))
             runs[label] = (model, rec, analysis)
             rows = {r["layer"]: r for r in analysis.layers}
             summary["runs"][f"{net.arch}_{label}"] = {
                 "middle_width": width,
                 "test_acc": acc,
-                "seconds": time.time() - t0,
+                "seconds": seconds,
                 "verdicts": {k: {kk: r[kk] for kk in ("verdict", "confidence", "v0", "peak", "t_peak", "final",
                                                        "sign_changed_at_5", "rho_early_final", "bottleneck")}
                              for k, r in rows.items()},
                 "stages": analysis.stages,
             }
             log(f"{net.arch} {label} (X={width}): acc {acc:.4f}, {MIDDLE[net.arch]} {rows[MIDDLE[net.arch]]['verdict']} "
-                f"({time.time() - t0:.0f} s)")
+                f"({seconds:.0f} s)")
         _save_figures(out, net.arch, runs)
         # the real-curve file the rule's tests read
         curves = {}
@@ -233,6 +252,8 @@ def run_experiment(config: str, out: Path, seeds: int | None = None, threads: in
                                                                "channels": r["channels"]}
         atomic_write_text(out / f"curves_{net.arch}.json", dumps(curves))
         if net.arch in cfg.plan_arch:
+            if net.plan_train_n and net.plan_train_n != net.train_n:
+                data = load_data(net.plan_train_n, cfg.eval_n)
             summary["plans"][net.arch] = _compare_plan(net, cfg, data, runs["narrow"], out, log)
     summary["seconds"] = time.time() - t_start
     atomic_write_text(out / "summary.json", dumps(summary, indent=1))
@@ -262,12 +283,20 @@ def _compare_plan(net: NetConfig, cfg: ExperimentConfig, data, narrow_run, out: 
     from .plan import make_plan
     from .rebuild import apply_plan, count_flops, count_params
 
+    from .rule import RuleOptions
+    from .width import analyze_record
+
     _, rec, analysis = narrow_run
+    tau = cfg.plan_tau if cfg.plan_tau is not None else cfg.tau
+    if tau != cfg.tau:
+        analysis = analyze_record(rec, RuleOptions(tau=tau))
     plan = make_plan(analysis, rec.meta)
     atomic_write_text(out / f"plan_{net.arch}.json", dumps(plan, indent=1))
     example = data[2][:1]
     epochs = net.plan_epochs or net.epochs
-    res = {"plan": {r["layer"]: [r["width"], r["new_width"], r["action"]] for r in plan["layers"]},
+    res = {"tau": tau, "epochs": epochs, "train_n": net.plan_train_n or net.train_n,
+           "verdicts": {r["layer"]: r["verdict"] for r in analysis.layers},
+           "plan": {r["layer"]: [r["width"], r["new_width"], r["action"]] for r in plan["layers"]},
            "original": [], "planned": []}
     orig0 = FACTORY[net.arch]({MIDDLE[net.arch]: net.narrow})
     planned0 = apply_plan(orig0, plan, init="fresh")

@@ -16,15 +16,16 @@ _COLORS = {"IS": "C0", "DS": "C3", "undecided": "0.55"}
 
 
 def plot_variance_curves(record: WidthRecord, analysis: WidthAnalysis, ax=None, layers=None):
-    """Mean-normalised norm variance per layer against training time, coloured by verdict."""
+    """Mean-normalised norm variance per layer against training time; line style by
+    verdict (solid IS, dashed DS, dotted undecided)."""
     fig, ax = new_axes(ax, figsize=(7, 3.6))
     verdicts = {r["layer"]: r for r in analysis.layers}
     for i, layer in enumerate(layers or record.layers):
         x, v = record.curve(layer, "var_ratio", analysis.axis)
         r = verdicts.get(layer, {})
         lab = f"{layer} ({r.get('channels', '?')} ch): {r.get('verdict', '?')}"
-        ax.plot(x, v, marker="o", ms=2.5, lw=1.2, color=_COLORS.get(r.get("verdict"), f"C{i}"),
-                ls=["-", "--", ":", "-."][i % 4], label=lab)
+        ls = {"IS": "-", "DS": "--"}.get(r.get("verdict"), ":")
+        ax.plot(x, v, marker="o", ms=2.5, lw=1.4, color=f"C{i}", ls=ls, label=lab)
     if np.isfinite(analysis.stages.get("early_end", np.nan)):
         ax.axvline(analysis.stages["early_end"], color="0.7", lw=0.8, ls=":")
     if np.isfinite(analysis.stages.get("growth_end", np.nan)):
