@@ -60,6 +60,7 @@ class SpectralOptions:
     seed: int = 0  # for randomize
     precision: Literal["auto", "float32", "float64"] = "auto"
     alpha_tol: float = 1e-3  # auto precision: redo in float64 if float32 could move alpha by more
+    # (or by more than 1% of the fit's standard error sigma, if that is larger)
     workers: int = 0  # layers in parallel; 0 = one per CPU core (1 on GPU)
     base: str | None = None  # path of a base model: analyse W - W_base, layers matched by name
     keep_spectra: bool = True  # keep eigenvalues in result.extras for pictures
@@ -113,7 +114,10 @@ def spectral_row(
     t0 = time.perf_counter()
     sp = spectrum_of(batch, options.precision, device, keep_per_matrix=options.per_slice and batch.shape[0] > 1)
     fit, ev = _fit_values(sp, options)
-    if sp.precision == "float32" and options.precision == "auto" and _alpha_error_bound(sp, fit) > options.alpha_tol:
+    # float32 is kept when its eigenvalue errors cannot move alpha by more than
+    # alpha_tol or 1% of the fit's own standard error, whichever is larger
+    tol = max(options.alpha_tol, 0.01 * fit.sigma) if fit.ok else options.alpha_tol
+    if sp.precision == "float32" and options.precision == "auto" and _alpha_error_bound(sp, fit) > tol:
         sp = spectrum_of(batch, "float64", device, keep_per_matrix=sp.per_matrix is not None)
         fit, ev = _fit_values(sp, options)
     row: dict[str, Any] = {

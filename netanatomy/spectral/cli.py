@@ -1,0 +1,76 @@
+"""``netanatomy esd``: the spectral table in the terminal (``--describe`` shows what
+would be computed without reading a tensor)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import typer
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "NaN" if math.isnan(v) else f"{v:.3f}"
+    return str(v)
+
+
+def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
+    @app.command("esd")
+    def esd(
+        model: str = typer.Argument(..., help="A weights file, a folder of shards, or a model folder."),
+        base: Optional[str] = typer.Option(None, "--base", help="Base model: analyse W - W_base, layers matched by name."),
+        mp_fit: bool = typer.Option(False, "--mp-fit", help="Fit the Marchenko-Pastur bulk."),
+        randomize: bool = typer.Option(False, "--randomize", help="Compare with the entry-shuffled matrices."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the shuffles."),
+        per_slice: bool = typer.Option(False, "--per-slice", help="Conv layers: also one row per kernel position."),
+        describe_only: bool = typer.Option(False, "--describe", help="Show the matrices that would be analysed; compute nothing."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON records instead of a table."),
+    ) -> None:
+        """Spectral health of each layer: power-law alpha of the eigenvalue spectrum and friends."""
+        from rich.console import Console
+        from rich.table import Table
+
+        from .._util import dumps
+        from ..io import load
+        from .analysis import SpectralAnalysis, SpectralOptions, describe
+
+        m = load(model)
+        opts = SpectralOptions(base=base, mp_fit=mp_fit, randomize=randomize, seed=seed, per_slice=per_slice)
+        console = Console(highlight=False, soft_wrap=True)
+        if not console.is_terminal:
+            console = Console(highlight=False, soft_wrap=True, width=240)
+        if describe_only:
+            rows = describe(m, opts)
+            if as_json:
+                print(dumps(rows))
+                return
+            cols = ["layer", "kind", "N", "M", "slices", "num_evals", "precision", "dtype"]
+        else:
+            res = SpectralAnalysis().run(m, opts)
+            rows = res.records
+            if as_json:
+                print(dumps({"summary": res.summary, "records": rows}))
+                return
+            cols = ["layer", "N", "M", "alpha", "D", "num_pl_spikes", "alpha_weighted", "log_spectral_norm",
+                    "stable_rank", "best_fit", "warning"]
+            if mp_fit:
+                cols.insert(-1, "num_spikes")
+            if randomize:
+                cols.insert(-1, "num_traps")
+        t = Table(show_lines=False)
+        for c in cols:
+            t.add_column(c, overflow="fold")
+        for r in rows:
+            t.add_row(*[_fmt(r.get(c)) if not r.get("error") or c == "layer" else "" for c in cols[:-1]],
+                      r.get("error") or _fmt(r.get(cols[-1])))
+        console.print(t)
+        if not describe_only:
+            s = res.summary
+            console.print(
+                f"{len(rows)} rows; mean alpha {_fmt(s.get('alpha'))}; {s.get('over_trained', 0)} over-trained, "
+                f"{s.get('under_trained', 0)} under-trained, {s.get('failed_fits', 0)} failed fits, "
+                f"{s.get('layers_failed', 0)} errors; {res.seconds:.1f} s"
+            )
