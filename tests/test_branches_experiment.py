@@ -15,7 +15,7 @@ def _pictures(n=5, seed=0):
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        yy, xx = np.mgrid[0:64, 0:120] / 10.0
+        yy, xx = np.mgrid[0:64, 0:200] / 10.0
         base = np.stack([np.sin(xx * (i + 1)), np.cos(yy * (i + 2)), np.sin((xx + yy) * 0.5 * (i + 1))], -1)
         out.append(((base + 0.3 * rng.standard_normal(base.shape)) * 0.25 + 0.5).clip(0, 1).astype(np.float32))
     return out

@@ -317,6 +317,18 @@ def measure(net: TowerNet, colour_threshold: float = 1 / 3) -> dict:
     return out
 
 
+def init_baseline(net: TowerNet, seed: int) -> dict:
+    """The SVD-vs-colourfulness correlation of an untrained unbranched net (the baseline)."""
+    m = measure(net)
+    out = {"seed": seed}
+    for variant in ("uncentred", "centred"):
+        rows = m.get("svd", {}).get(variant, [])
+        if rows:
+            j = max(range(len(rows)), key=lambda k: abs(rows[k]["r_colourfulness"]))
+            out[variant] = {"sv": j, "r": rows[j]["r_colourfulness"], "r_per_sv": [r["r_colourfulness"] for r in rows]}
+    return out
+
+
 def fisher_combined(pvalues: Sequence[float]) -> float:
     from scipy.stats import chi2
 
@@ -342,8 +354,10 @@ def run(cfg: Config, out_dir: Path, images: Sequence[np.ndarray] | None = None, 
     runs = []
     trained: dict[tuple[int, str], TowerNet] = {}
     t0 = time.perf_counter()
+    init = []
     for seed in cfg.seeds:
         nets = build_pair(task.classes, cfg, seed)
+        init.append(init_baseline(nets["unbranched"], seed))
         for arch, net in nets.items():
             info = train(net, task, cfg, seed, on_step=lambda s, a=arch, sd=seed: log(f"seed {sd} {a}: step {s}"))
             m = measure(net)
@@ -357,6 +371,7 @@ def run(cfg: Config, out_dir: Path, images: Sequence[np.ndarray] | None = None, 
         "classes": task.classes,
         "wall_seconds": time.perf_counter() - t0,
         "runs": runs,
+        "init": init,
         "summary": summarize(runs),
     }
     out_dir = Path(out_dir)
@@ -517,16 +532,34 @@ def markdown(doc: dict, pictures: dict[str, str]) -> str:
                     f"  - {variant} SVD of |W_conv2|: the singular vector most correlated with colourfulness, per seed: "
                     + "; ".join(f"SV{b['sv']} r = {b['r']:.2f} (colour/grey AUC {b['auc']:.2f})" for b in best)
                 )
+                base = [i[variant] for i in doc.get("init", []) if variant in i]
+                if arch == "unbranched" and base:
+                    lines.append(
+                        f"    - the same nets untrained (baseline): largest |r| with colourfulness over SV0-{len(base[0]['r_per_sv']) - 1}, per seed: "
+                        + "; ".join(f"SV{b['sv']} r = {b['r']:.2f}" for b in base)
+                    )
     lines.append("")
     if pictures:
         lines += ["## Pictures", ""]
         for key, fname in pictures.items():
             lines += [f"![{key}]({fname})", ""]
-    lines += ["## Verdict (computed from the numbers above)", ""] + verdict(s) + [""]
+    lines += ["## Verdict (computed from the numbers above)", ""] + verdict(s, doc.get("init", [])) + [""]
+    full = CONFIGS["full"]
+    if cfg["name"] != "full":
+        lines += [
+            "## Scale",
+            "",
+            f"This is the `{cfg['name']}` config, sized to about 20 minutes of one core of a shared machine: "
+            f"{len(cfg['seeds'])} seeds and {cfg['steps']} steps are fewer than the effect may need (the filters above are "
+            "still noisy). The full config trains "
+            f"{len(full.seeds)} seeds x {full.steps} steps with wider conv2/conv3 ({full.c2}/{full.c3}); on one free core "
+            "expect roughly 1.5-3 hours: `OMP_NUM_THREADS=1 netanatomy experiment branches --config full --out results`.",
+            "",
+        ]
     return "\n".join(lines)
 
 
-def verdict(s: dict) -> list[str]:
+def verdict(s: dict, init: Sequence[dict] = ()) -> list[str]:
     out = []
     b, u = s.get("branched"), s.get("unbranched")
     if b:
@@ -549,6 +582,12 @@ def verdict(s: dict) -> list[str]:
         out.append(
             f"- Unbranched nets: the uncentred singular vector most tied to colourfulness is "
             f"{', '.join('SV' + str(v) for v in svs)} (|r| {min(rs):.2f}-{max(rs):.2f} over seeds)"
-            + ("; SV0 itself is the all-positive Perron vector." if not sv0 or len(sv0) < len(best) else ".")
+            + ("; SV0 itself is the all-positive Perron vector" if not sv0 or len(sv0) < len(best) else "")
+            + (
+                f"; untrained, the largest |r| over the first singular vectors is "
+                f"{min(abs(i['uncentred']['r']) for i in init if 'uncentred' in i):.2f}-"
+                f"{max(abs(i['uncentred']['r']) for i in init if 'uncentred' in i):.2f}."
+                if any("uncentred" in i for i in init) else "."
+            )
         )
     return out
