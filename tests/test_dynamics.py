@@ -454,3 +454,16 @@ def test_cli_width_on_run_and_checkpoints(tmp_path, capsys):
     assert _run_cli(["width", str(tmp_path / "missing")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert _run_cli(["width", str(tmp_path / "run"), "--tau", "2", "--out", str(out)]) == 2
+    assert _run_cli(["experiment", "width", "--config", "huge", "--out", str(tmp_path / "x")]) == 2
+    assert "--config is one of" in capsys.readouterr().err
+
+
+def test_stages_locate_growth():
+    from netanatomy.dynamics.rule import stages
+
+    x = np.arange(20.0)
+    v = np.concatenate([np.zeros(4), np.linspace(0, 1, 6), np.ones(10)])
+    sign = np.linspace(0, 0.3, 20)
+    st = stages(x, v, sign)
+    assert 3 <= st["early_end"] <= 6 and 7 <= st["growth_end"] <= 10
+    assert st["sign_changed_at_5"] == pytest.approx(sign[5])
