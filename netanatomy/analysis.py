@@ -268,7 +268,7 @@ def _coerce(text: str, typ: Any, what: str) -> Any:
             if text not in typing.get_args(typ):
                 raise ValueError(text)
             return text
-        if origin in (tuple, list):
+        if origin in (tuple, list) or typ in (tuple, list):
             return tuple(s.strip() for s in text.split(",") if s.strip())
         return text
     except ValueError:

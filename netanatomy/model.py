@@ -151,11 +151,8 @@ class Layer:
 
     @property
     def num_params(self) -> int:
-        n = 0
-        for key in self.tensors.values():
-            if self.store.dtype(key).startswith(("float", "bfloat", "complex")):
-                n += _numel(self.store.shape(key))
-        return n
+        """Trainable parameters: weight and bias (norm running statistics excluded)."""
+        return sum(_numel(self.store.shape(self.tensors[r])) for r in ("weight", "bias") if r in self.tensors)
 
     @property
     def dtype(self) -> str:

@@ -20,30 +20,56 @@ class StatsOptions:
 
 
 def tensor_stats(t: torch.Tensor, prefix: str = "", zero_tol: float = 1e-8) -> dict:
-    """Mean, std, percentiles, norms of one tensor (float64 for the sums)."""
-    x = t.detach().reshape(-1).to(torch.float64)
+    """Mean, std, percentiles and norm of one tensor.
+
+    Sums are accumulated in float64 chunk by chunk and percentiles come from a
+    partial sort of one copy, so the memory needed is about one extra copy of
+    the tensor, whatever its size.
+    """
+    x = t.detach().reshape(-1)
+    if not x.is_floating_point():
+        x = x.to(torch.float32)
     n = x.numel()
     if n == 0:
         return {f"{prefix}numel": 0}
-    q = _quantiles(x)
+    total = sq = abs_total = 0.0
+    zeros = 0
+    for chunk in x.split(1 << 20):
+        c = chunk.double()
+        total += float(c.sum())
+        abs_total += float(c.abs().sum())
+        zeros += int((c.abs() < zero_tol).sum())
+    mean = total / n
+    for chunk in x.split(1 << 20):
+        sq += float(((chunk.double() - mean) ** 2).sum())
+    norm_sq = sq + n * mean * mean
     out = {
-        f"{prefix}mean": float(x.mean()),
-        f"{prefix}std": float(x.std()) if n > 1 else 0.0,
-        f"{prefix}abs_mean": float(x.abs().mean()),
-        f"{prefix}fro_norm": float(torch.linalg.vector_norm(x)),
-        f"{prefix}zero_fraction": float((x.abs() < zero_tol).double().mean()),
+        f"{prefix}mean": mean,
+        f"{prefix}std": math.sqrt(sq / (n - 1)) if n > 1 else 0.0,
+        f"{prefix}abs_mean": abs_total / n,
+        f"{prefix}fro_norm": math.sqrt(max(norm_sq, 0.0)),
+        f"{prefix}zero_fraction": zeros / n,
     }
-    for qq, v in zip(QUANTILES, q):
+    for qq, v in zip(QUANTILES, quantiles(x, QUANTILES)):
         out[f"{prefix}q{int(qq * 100)}"] = v
     return out
 
 
-def _quantiles(x: torch.Tensor) -> list[float]:
-    if x.numel() > 16_000_000:  # torch.quantile's limit; sort is exact and fine
-        s, _ = torch.sort(x)
-        idx = [round(q * (x.numel() - 1)) for q in QUANTILES]
-        return [float(s[i]) for i in idx]
-    return [float(v) for v in torch.quantile(x, torch.tensor(QUANTILES, dtype=x.dtype))]
+def quantiles(x: torch.Tensor, qs=QUANTILES) -> list[float]:
+    """Linear-interpolated quantiles (as ``torch.quantile``) via one partial sort."""
+    arr = x.detach().cpu().reshape(-1)
+    if arr.dtype in (torch.bfloat16, torch.float16):
+        arr = arr.float()
+    a = arr.numpy().copy()
+    n = a.size
+    pos = [q * (n - 1) for q in qs]
+    kth = sorted({int(math.floor(p)) for p in pos} | {min(int(math.ceil(p)), n - 1) for p in pos})
+    a.partition(kth)
+    out = []
+    for p in pos:
+        lo, hi = int(math.floor(p)), min(int(math.ceil(p)), n - 1)
+        out.append(float(a[lo]) + (float(a[hi]) - float(a[lo])) * (p - lo))
+    return out
 
 
 @register_analysis("stats")
@@ -64,7 +90,7 @@ class WeightStats(LayerwiseAnalysis):
         rec = {"layer": layer.name, "kind": str(layer.kind), "params": layer.num_params}
         rec.update(tensor_stats(w, zero_tol=options.zero_tol))
         if w.dim() >= 2:
-            unit = torch.linalg.vector_norm(w.reshape(w.shape[0], -1).double(), dim=1)
+            unit = torch.linalg.vector_norm(w.reshape(w.shape[0], -1), dim=1).double()
             m = float(unit.mean())
             rec["unit_norm_mean"] = m
             rec["unit_norm_cv"] = float(unit.std() / m) if m > 0 and unit.numel() > 1 else math.nan
