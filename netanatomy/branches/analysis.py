@@ -189,7 +189,7 @@ def _describe_point(point: BranchPoint, cache: _Cache, opts: BranchesOptions, la
         read_width = point.read_width
         usable = [l for l in set(in_layers) if read_width is None or model[l].in_features == read_width]
         if point.kind == "residual" or _same_input(model, in_layers):
-            rows, idx = [], []
+            rows = []
             for i, (lname, ch, _) in enumerate(neurons):
                 if lname not in usable:
                     continue

@@ -548,7 +548,7 @@ def _concat_points(model: Model, flow: _Flow, notes: list[str]) -> list[BranchPo
             continue
         chans = [flow.nodes[i].channels for i in n.inputs]
         if any(c is None for c in chans):
-            notes.append(f"a concatenation whose input channel counts are unknown was skipped")
+            notes.append("a concatenation whose input channel counts are unknown was skipped")
             continue
         anc = [flow.ancestors(i) for i in n.inputs]
         branches, segments, start = [], [], 0
@@ -611,9 +611,9 @@ def _add_points(model: Model, flow: _Flow) -> list[BranchPoint]:
         src_a, src_b = _through(flow, a), _through(flow, b)
         # the skip path is the one with fewer layers of its own (identity: none)
         if len(own_a) <= len(own_b):
-            (skip, skip_layers), (res, res_layers) = (src_a, own_a), (src_b, own_b)
+            (skip, skip_layers), res_layers = (src_a, own_a), own_b
         else:
-            (skip, skip_layers), (res, res_layers) = (src_b, own_b), (src_a, own_a)
+            (skip, skip_layers), res_layers = (src_b, own_b), own_a
         width = flow.nodes[nid].channels or 0
         branches = [
             Branch(0, "residual", [l for l in res_layers if model[l].kind != LayerKind.NORM], (0, width)),

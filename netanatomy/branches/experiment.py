@@ -21,10 +21,9 @@ tests of colourfulness and frequency between towers, and the SVD of
 from __future__ import annotations
 
 import glob
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 

@@ -66,6 +66,11 @@ def render_blocks(result: AnalysisResult) -> list:
                     )
                     inner.append(Image.from_figure(fig, f"First-layer filters of {only} by branch (sorted by colourfulness)."))
         tests = sorted(r["tests"], key=lambda t: (t["p_adjusted"] if t["p_adjusted"] is not None else 1.0))
+        if mpl and r.get("specialized") and tests:
+            from .plots import plot_counts
+
+            kind = tests[0]["descriptor"]
+            inner.append(Image.from_figure(plot_counts(r, kind), f"Observed and expected counts per branch ({kind}); * marks a significant enrichment."))
         inner.append(
             Table.from_records(
                 [dict(t, significant=bool(t["p_adjusted"] is not None and t["p_adjusted"] < 0.05 and t["count"] > t["expected"])) for t in tests],
