@@ -409,6 +409,12 @@ def test_inherit_widening_preserves_function():
     torch.testing.assert_close(wide(x), m(x), rtol=1e-5, atol=1e-6)
     narrow = apply_plan(m, {"0": 4}, init="inherit")
     assert narrow(x).shape == (7, 2) and narrow[0].out_features == 4
+    # a conv read through Flatten by a Linear: the column blocks move with the channel
+    c = cnn_flatten()
+    xi = torch.randn(2, 1, 8, 8)
+    cw = apply_plan(c, {"conv2": 9}, init="inherit", noise=0.0)
+    assert cw.fc1.in_features == 9 * 16
+    torch.testing.assert_close(cw(xi), c(xi), rtol=1e-5, atol=1e-6)
 
 
 def test_plan_refuses_bad_changes():
