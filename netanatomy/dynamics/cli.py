@@ -101,7 +101,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
 
     @experiment_app.command("width")
     def experiment_width(
-        config: str = typer.Option("quick", "--config", help="quick (a few minutes) or full (about an hour)."),
+        config: str = typer.Option("quick", "--config", help="smoke (seconds, pipeline only), quick (~25 min on 2 busy cores: MLP) or full (about an hour: MLP and CNN)."),
         out: Path = typer.Option(Path("netanatomy-width-experiment"), "--out", help="Output folder."),
         seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds for the planned-vs-original comparison."),
         threads: int = typer.Option(1, "--threads", help="torch threads."),

@@ -146,8 +146,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 10
 
 
 def train(model, data, epochs, cfg: ExperimentConfig, seed: int, tracker=None):
-    from ..datasets import normalize_images  # noqa: F401  (data is already normalised)
-
     xtr, ytr, xte, yte, eval_n = data
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(seed + 1000)
@@ -185,16 +183,15 @@ def run_experiment(config: str, out: Path, seeds: int | None = None, threads: in
     """Run (or finish) the experiment; runs already complete in ``out`` are reused
     when ``reuse`` (their curves and test accuracy are read back)."""
     from ..errors import UserError
-    from .plan import make_plan
-    from .rebuild import apply_plan, count_flops, count_params
-    from .report import plot_sign_changes, plot_variance_curves
     from .rule import RuleOptions
     from .tracker import WidthTracker
     from .width import analyze_record
 
     if config not in CONFIGS:
         raise UserError(f"--config is one of {', '.join(CONFIGS)}")
-    cfg = CONFIGS[config]
+    import copy
+
+    cfg = copy.deepcopy(CONFIGS[config])
     if seeds is not None:
         if seeds < 1:
             raise UserError("--seeds must be >= 1")
