@@ -137,7 +137,13 @@ def load(path: str | os.PathLike, *, name: str | None = None) -> Model:
             parts = [p for p in (node.name or "").split("/") if p]
             if len(parts) > 1 and parts[-1].split("_")[0] == node.op_type:
                 parts = parts[:-1]  # "/features/0/Conv" -> "features.0"
-            base = ".".join(parts)
+            merged: list[str] = []
+            for part in parts:  # "/blocks/blocks.0/c1" -> "blocks.0.c1"
+                if merged and part.startswith(merged[-1] + "."):
+                    merged[-1] = part
+                else:
+                    merged.append(part)
+            base = ".".join(merged)
         base = base or f"{node.op_type.lower()}_{i}"
         n, k = base, 1
         while n in names_taken:
