@@ -25,7 +25,7 @@ import torch
 from ..analysis import AnalysisResult, LayerwiseAnalysis, Progress, register_analysis, run_layer_safely
 from ..errors import LayerError, UserError
 from ..model import CONV_KINDS, Layer, LayerKind, Model
-from .esd import Spectrum, choose_precision, layer_matrices, resolution_floor, shuffled, spectrum_of
+from .esd import Spectrum, choose_precision, entry_variance, layer_matrices, resolution_floor, shuffled, spectrum_of
 from .metrics import mp_fit, norm_metrics, randomization_metrics
 from .powerlaw import PowerLawFit, compare_tail, fit_power_law
 
@@ -151,20 +151,13 @@ def spectral_row(
         gen = torch.Generator().manual_seed(int(options.seed) * 1_000_003 + zlib.crc32((seed_key or name).encode()))
         shuf = shuffled(batch, gen)
         rsp = spectrum_of(shuf, sp.precision, device)
-        var = _entry_variance(batch)
+        var = entry_variance(batch)
         row.update(randomization_metrics(sp, rsp, var))
         extras["rand_evals"] = rsp.evals
     row["seconds"] = time.perf_counter() - t0
     if sp.per_matrix is not None:
         extras["per_matrix"] = sp.per_matrix
     return row, extras
-
-
-def _entry_variance(batch: torch.Tensor) -> float:
-    """Mean over matrices of each matrix's entry variance (float64)."""
-    b = batch.reshape(batch.shape[0], -1)
-    vs = [float(b[i].to(torch.float64).var(unbiased=False)) for i in range(b.shape[0])]
-    return float(np.mean(vs))
 
 
 def _slice_labels(kernel: tuple[int, ...]) -> list[str]:
@@ -191,12 +184,16 @@ class SpectralAnalysis(LayerwiseAnalysis):
 
     # -- one layer ------------------------------------------------------------
     def _weight(self, layer: Layer) -> torch.Tensor:
-        w = layer.weight()
+        # kept in its stored dtype (bf16 stays bf16); slabs are converted as they are used
+        w = layer.weight(dtype=None)
+        if not w.is_floating_point() or w.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            w = w.to(torch.float32)
         if self._base is None:
             return w
+        w = w.to(torch.float32)
         if layer.name not in self._base:
             raise LayerError(f"{layer.name}: no layer of that name in the base model")
-        wb = self._base[layer.name].weight()
+        wb = self._base[layer.name].weight(dtype=torch.float32)
         if tuple(wb.shape) != tuple(w.shape):
             raise LayerError(f"{layer.name}: shape {tuple(w.shape)} differs from the base model's {tuple(wb.shape)}")
         return w - wb

@@ -112,20 +112,29 @@ def choose_precision(batch_shape: tuple[int, ...], precision: str) -> str:
     return "float64" if flops <= SMALL_FLOPS else "float32"
 
 
-def gram_eigvalsh(batch: torch.Tensor, dtype: torch.dtype, device=None, chunk_elems: int = 1 << 26) -> torch.Tensor:
+def gram_eigvalsh(batch: torch.Tensor, dtype: torch.dtype, device=None, block_elems: int = 1 << 24) -> torch.Tensor:
     """Squared singular values (ascending, clamped at 0) of each matrix in a
-    (count, rows, cols) batch, via the Gram matrix of the smaller side."""
+    (count, rows, cols) batch, via the Gram matrix of the smaller side.
+
+    The Gram matrix is accumulated over slabs of the long side, each converted to
+    ``dtype`` on its own, so a bf16 layer never exists whole in float32/float64."""
     count, a, b = batch.shape
+    small, long_ = min(a, b), max(a, b)
     out = []
-    # a few matrices at a time so that huge conv layers stay within memory
-    per = max(1, chunk_elems // max(1, a * b + min(a, b) ** 2))
+    # matrices per step: a few at a time so that huge conv layers stay within memory
+    per = max(1, block_elems // max(1, small * small))
+    slab = max(1, block_elems // max(1, small * min(per, count)))
     for s in range(0, count, per):
-        w = batch[s : s + per].to(device=device, dtype=dtype)
-        if a >= b:
-            g = w.transpose(1, 2) @ w
-        else:
-            g = w @ w.transpose(1, 2)
-        del w
+        part = batch[s : s + per]
+        g = torch.zeros(part.shape[0], small, small, dtype=dtype, device=device)
+        for r in range(0, long_, slab):
+            if a >= b:
+                x = part[:, r : r + slab, :].to(device=device, dtype=dtype)
+                g.baddbmm_(x.transpose(1, 2), x)
+            else:
+                x = part[:, :, r : r + slab].to(device=device, dtype=dtype)
+                g.baddbmm_(x, x.transpose(1, 2))
+            del x
         ev = torch.linalg.eigvalsh(g)
         del g
         out.append(ev.clamp_min_(0).cpu())
@@ -165,12 +174,31 @@ def frobenius2(batch: torch.Tensor, chunk_elems: int = 1 << 22) -> float:
     return total
 
 
+def entry_variance(batch: torch.Tensor, chunk_elems: int = 1 << 22) -> float:
+    """Mean over the matrices of each one's entry variance, summed in float64 by slabs."""
+    count = batch.shape[0]
+    flat = batch.reshape(count, -1)
+    n = flat.shape[1]
+    vs = []
+    for i in range(count):
+        s1 = s2 = 0.0
+        for s in range(0, n, chunk_elems):
+            x = flat[i, s : s + chunk_elems].to(torch.float64)
+            s1 += float(x.sum())
+            s2 += float(x.square().sum())
+        mean = s1 / n
+        vs.append(max(s2 / n - mean * mean, 0.0))
+    return float(np.mean(vs))
+
+
 def shuffled(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each matrix of the batch with its entries randomly permuted (seeded)."""
     count, a, b = batch.shape
     flat = batch.reshape(count, a * b)
     out = torch.empty_like(flat)
+    idx = torch.int32 if a * b < 2**31 else torch.int64  # half the memory of the permutation
     for i in range(count):
-        perm = torch.randperm(a * b, generator=generator)
+        perm = torch.randperm(a * b, generator=generator, dtype=idx)
         out[i] = flat[i, perm]
+        del perm
     return out.reshape(count, a, b)
