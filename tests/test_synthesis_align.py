@@ -205,3 +205,11 @@ def test_recalibrate_bn_recomputes_statistics():
     torch.testing.assert_close(net.b1.running_mean, feats.mean((0, 2, 3)), rtol=1e-4, atol=1e-4)
     assert net.b1.momentum == 0.1
     assert recalibrate_bn(MLP(), data) == 0
+
+
+def test_experiment_cnn_has_three_permutable_spaces():
+    from netanatomy.synthesis.experiment import SmallCNN
+
+    spec = spec_from_module(SmallCNN((4, 6, 8)))
+    assert sorted(spec.sizes.values()) == [4, 6, 8]
+    assert spec.fixed == ["fc"]

@@ -283,6 +283,30 @@ def render_markdown(res: dict, command: str, figure: str | None) -> str:
           f"and from {nbb:.4f} to {abb:.4f} with it.", ""]
     if figure:
         L += [f"![interpolation curves]({figure})", ""]
+    L += ["## Reading", ""]
+    if g["val_acc"] > bm["val_acc"]:
+        L.append(f"The greedy soup beat the best member on the held-out split by {g['val_acc'] - bm['val_acc']:+.4f} "
+                 f"and on the test set by {g['test_acc'] - bm['test_acc']:+.4f}.")
+    else:
+        L.append("The greedy soup kept only the best member: adding any other member lowered held-out accuracy, so "
+                 "'greedy soup >= best member' holds here only as an equality, and the uniform soup is worse than the "
+                 "best member. This run does not reproduce the soup gain of Wortsman et al., whose members are fine-tuned "
+                 "from a strong pre-trained model. Here the shared start is a briefly trained small CNN "
+                 f"(test acc {res['base']['test_acc']:.4f}), so fine-tuning with these learning rates may move members "
+                 "to different parts of the basin; that explanation is a hypothesis this run did not test (a longer-trained "
+                 "start and smaller learning rates would be the next run).")
+        L.append("")
+    if abb < nbb and ab < nb:
+        L.append(f"Weight matching lowered the interpolation barrier between the two independently trained networks: "
+                 f"test loss barrier {nb:.3f} -> {ab:.3f} (accuracy barrier {c['naive']['acc_barrier']:.3f} -> "
+                 f"{c['aligned']['acc_barrier']:.3f}); with batch-norm statistics recomputed at every point of the path "
+                 f"{nbb:.3f} -> {abb:.3f} (accuracy barrier {c['naive + BN recalibration']['acc_barrier']:.3f} -> "
+                 f"{c['aligned + BN recalibration']['acc_barrier']:.3f}). On the aligned path, recomputing the batch-norm "
+                 f"statistics removed most of what alignment left ({ab:.3f} -> {abb:.3f}).")
+    else:
+        L.append(f"Alignment did not lower both barriers in this run (loss barrier {nb:.3f} -> {ab:.3f} without BN "
+                 f"recalibration, {nbb:.3f} -> {abb:.3f} with it).")
+    L += ["", "Single run, single seed pair: no error bars."]
     return "\n".join(L) + "\n"
 
 
