@@ -294,3 +294,26 @@ def test_interpolation_curve_and_barrier():
     assert curve.barrier("acc") == pytest.approx(0.0)
     mid = interpolate(a, b, lambda s: float(s["w"][0]), [0.5]).values["score"][0]
     assert mid == pytest.approx(0.5)
+
+
+def test_sharded_folders_average(tmp_path):
+    import json
+
+    _, states = snapshots(2, seed=9)
+    folders = []
+    for i, s in enumerate(states):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        keys = sorted(s)
+        half = {k: s[k] for k in keys[: len(keys) // 2]}, {k: s[k] for k in keys[len(keys) // 2 :]}
+        wm = {}
+        for j, part in enumerate(half):
+            name = f"model-0000{j + 1}-of-00002.safetensors"
+            save_file(part, d / name)
+            wm.update({k: name for k in part})
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+        folders.append(d)
+    res = average(folders)
+    ref = (states[0]["fc.weight"].double() + states[1]["fc.weight"].double()) / 2
+    assert torch.equal(res.tensors["fc.weight"], ref.float())
+    assert set(res.tensors) == set(states[0])
