@@ -16,6 +16,16 @@ from netanatomy.spectral.metrics import mp_fit
 from netanatomy.spectral.powerlaw import compare_tail, fit_power_law
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One BLAS thread: the CI machine is shared and oversubscribed OpenMP threads
+    make small eigenproblems a hundred times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def pareto(alpha: float, n: int, xmin: float = 1.0, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return xmin * (1.0 - rng.random(n)) ** (-1.0 / (alpha - 1.0))
@@ -347,3 +357,13 @@ def test_plots_return_figures():
     assert fig.axes and fig.axes[0].get_xscale() == "log"
     fig2 = alpha_depth_plot(res)
     assert len(fig2.axes[0].get_xticklabels()) == len([r for r in res.records if not r.get("error")])
+
+
+def test_depthwise_conv_uses_the_reshaped_matrix():
+    torch.manual_seed(9)
+    m = netanatomy.load(nn.Sequential(nn.Conv2d(12, 12, 3, groups=12)))
+    res = analyze(m, workers=1)
+    r = res.records[0]
+    assert (r["N"], r["M"], r["slices"]) == (12, 9, 1)
+    d = describe(m)[0]
+    assert (d["N"], d["M"], d["slices"]) == (12, 9, 1)

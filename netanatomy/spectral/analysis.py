@@ -316,7 +316,7 @@ def describe(model: Model, options: SpectralOptions | None = None) -> list[dict]
         shape = tuple(layer.shape)
         out = shape[0] // max(layer.fused, 1)
         rest = shape[1:]
-        if layer.kind in CONV_KINDS and options.conv_mode == "slices":
+        if layer.kind in CONV_KINDS and options.conv_mode == "slices" and min(out, rest[0]) > 1:
             count, a, b = int(np.prod(rest[1:])) if len(rest) > 1 else 1, out, rest[0]
         else:
             count, a, b = 1, out, int(np.prod(rest))

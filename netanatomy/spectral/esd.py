@@ -16,7 +16,8 @@ How a layer becomes matrices:
   kernel position as its own (out x in/groups) matrix and pools the
   eigenvalues of all positions into one layer ESD (the kernel size is never a
   matrix dimension, for conv1d as for conv2d/3d); ``"reshape"`` uses the
-  (out x in/groups * prod(kernel)) matrix instead.
+  (out x in/groups * prod(kernel)) matrix instead. Depthwise convs (in/groups = 1,
+  so each position would be a single vector) always use the reshaped matrix.
 
 Computation: Gram matrix (the smaller side) and ``torch.linalg.eigvalsh``,
 batched over kernel positions, on ``default_device()``. ``precision="auto"``
@@ -99,6 +100,10 @@ def layer_matrices(
     w = layer.weight() if weight is None else weight
     parts = layer.split_fused(w) if layer.fused > 1 else [(layer.name, w)]
     conv = layer.kind in CONV_KINDS
+    if conv and conv_mode == "slices" and w.dim() > 2 and min(w.shape[0] // max(layer.fused, 1), w.shape[1]) == 1:
+        # depthwise (or single-channel) conv: every kernel position is a vector with
+        # one singular value; the (out x prod(kernel)) matrix is the meaningful one
+        conv_mode = "reshape"
     return [(name, matrix_stack(p, conv, conv_mode)) for name, p in parts]
 
 
