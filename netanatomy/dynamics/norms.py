@@ -19,10 +19,10 @@ from .groups import ChannelGroup, OutSlice
 Getter = Callable[[str], torch.Tensor]
 
 
-def out_sq(w: torch.Tensor, sl: OutSlice, channels: int) -> torch.Tensor:
-    """Squared norm of each channel's slice of the successor weight ``w`` -> ``(C,)``."""
-    w = to_canonical(w, sl.layout).detach()
-    sq = w.float().square()
+def out_sq(w: torch.Tensor, sl: OutSlice, channels: int, squared: bool = False) -> torch.Tensor:
+    """Squared norm of each channel's slice of the successor weight ``w`` -> ``(C,)``
+    (``squared``: ``w`` already holds the squares, canonical layout)."""
+    sq = w if squared else to_canonical(w, sl.layout).detach().float().square()
     if sl.mode == "column":
         dims = [d for d in range(sq.dim()) if d != 1]
         return sq.sum(dim=dims)
@@ -56,22 +56,43 @@ def in_weight(group: ChannelGroup, get: Getter) -> torch.Tensor:
     return to_canonical(get(group.in_key), group.in_layout).detach()
 
 
-def in_sq(group: ChannelGroup, get: Getter, include_1d: bool = False) -> torch.Tensor:
-    w = in_weight(group, get).float()
-    sq = w.square().reshape(group.channels, -1).sum(dim=1)
+class SquareCache:
+    """Squares of canonical weights, each computed once per record point."""
+
+    def __init__(self, get: Getter):
+        self.get = get
+        self._sq: dict[tuple[str, str], torch.Tensor] = {}
+
+    def __call__(self, key: str, layout: str) -> torch.Tensor:
+        k = (key, layout)
+        if k not in self._sq:
+            self._sq[k] = to_canonical(self.get(key), layout).detach().float().square()
+        return self._sq[k]
+
+
+def in_sq(group: ChannelGroup, get: Getter, include_1d: bool = False, cache: SquareCache | None = None) -> torch.Tensor:
+    if cache is not None:
+        sq = cache(group.in_key, group.in_layout).reshape(group.channels, -1).sum(dim=1)
+    else:
+        sq = in_weight(group, get).float().square().reshape(group.channels, -1).sum(dim=1)
     if include_1d:
         for key in ([group.bias_key] if group.bias_key else []) + list(group.norm_keys):
             sq = sq + get(key).detach().float().square()
     return sq
 
 
-def coupled_norms(group: ChannelGroup, get: Getter, include_1d: bool = False) -> torch.Tensor:
+def coupled_norms(
+    group: ChannelGroup, get: Getter, include_1d: bool = False, cache: SquareCache | None = None
+) -> torch.Tensor:
     """``||w_in|| * ||w_out||`` per channel (the incoming norm alone when no successor)."""
-    n = in_sq(group, get, include_1d).sqrt()
+    n = in_sq(group, get, include_1d, cache).sqrt()
     if group.outs:
         o = None
         for sl in group.outs:
-            s = out_sq(get(sl.key), sl, group.channels)
+            if cache is not None:
+                s = out_sq(cache(sl.key, sl.layout), sl, group.channels, squared=True)
+            else:
+                s = out_sq(get(sl.key), sl, group.channels)
             o = s if o is None else o + s
         n = n * o.sqrt()
     return n

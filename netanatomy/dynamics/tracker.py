@@ -171,7 +171,8 @@ class WidthTracker:
         """One record point as a single flat device tensor:
         ``[var_ratio (L), norm_mean (L), sign_changed (L), norms (sum of channels)]``."""
         with torch.no_grad():
-            norms = [N.coupled_norms(g, self._get, self.include_1d) for g in self.groups]
+            cache = N.SquareCache(self._get)  # each weight squared once per point
+            norms = [N.coupled_norms(g, self._get, self.include_1d, cache) for g in self.groups]
             var = torch.stack([N.variance_ratio(n) for n in norms])
             mean = torch.stack([n.mean() for n in norms])
             sign = torch.stack([N.sign_changed(g, self._get, self._init_bits[g.layer]) for g in self.groups])
