@@ -128,6 +128,11 @@ class Executor(ABC):
     def workers(self) -> int:
         return 1
 
+    def cancel_pending(self) -> None:
+        """Start no further items of the running map; items already running
+        still finish and are yielded."""
+        self._stop = True
+
     def close(self) -> None:
         pass
 
@@ -150,7 +155,10 @@ class SerialExecutor(Executor):
         super().__init__(threads)
 
     def imap_unordered(self, fn, payloads):
+        self._stop = False
         for i, p in enumerate(payloads):
+            if self._stop:
+                return
             yield i, _invoke(fn, p, self.threads)
 
 
@@ -184,21 +192,33 @@ class LocalExecutor(Executor):
         return self._pool
 
     def imap_unordered(self, fn, payloads):
+        self._stop = False
         if self._workers == 1 or len(payloads) <= 1:
             # no point paying process start-up for one item
             for i, p in enumerate(payloads):
+                if self._stop:
+                    return
                 yield i, _invoke(fn, p, self.threads)
             return
         from concurrent.futures import as_completed
 
         pool = self._get_pool()
         futures = {pool.submit(_invoke, fn, p, self.threads): i for i, p in enumerate(payloads)}
+        self._futures = futures
         try:
             for fut in as_completed(futures):
+                if fut.cancelled():
+                    continue
                 yield futures[fut], fut.result()
         finally:
             for fut in futures:
                 fut.cancel()
+            self._futures = {}
+
+    def cancel_pending(self) -> None:
+        self._stop = True
+        for fut in getattr(self, "_futures", {}):
+            fut.cancel()  # only items not started yet can be cancelled
 
     def close(self) -> None:
         if self._pool is not None:
@@ -265,8 +285,9 @@ class RayExecutor(Executor):
         pending: dict[Any, int] = {}
         it = iter(enumerate(payloads))
         exhausted = False
+        self._stop = False
         while True:
-            while not exhausted and len(pending) < limit:
+            while not exhausted and not self._stop and len(pending) < limit:
                 try:
                     i, p = next(it)
                 except StopIteration:
@@ -395,8 +416,8 @@ def run_resumable(
     The function must be picklable (a module-level function) and return a
     :class:`WorkOutput` or a JSON-able record. Failures are collected, not
     raised; the failed items stay unfinished so a re-run retries them.
-    ``time_limit`` (seconds): stop taking results after that long (items still
-    running are abandoned, unfinished); a re-run continues."""
+    ``time_limit`` (seconds): start no new item after that long; items already
+    running finish and are kept; a re-run continues with the rest."""
     import time
 
     t0 = time.monotonic()
@@ -439,7 +460,7 @@ def run_resumable(
                 if progress:
                     progress(len(skipped) + len(ran) + len(failures), total)
                 if time_limit is not None and time.monotonic() - t0 > time_limit:
-                    break
+                    ex.cancel_pending()
         finally:
             if own:
                 ex.close()

@@ -191,7 +191,7 @@ def _fit_and_score(X, y, runs, meta, predictors, splits, test_fraction, seed, se
                 imps.append(pd.Series(r.importances_mean, index=X.columns))
     if imps:
         m = pd.concat(imps, axis=1)
-        importances = pd.DataFrame({"feature": m.index, "importance": m.mean(1).to_numpy(), "std": m.std(1).fillna(0).to_numpy()})
+        importances = pd.DataFrame({"feature": m.index, "importance": m.mean(axis=1).to_numpy(), "std": m.std(axis=1).fillna(0).to_numpy()})
         importances = importances.sort_values("importance", ascending=False).reset_index(drop=True)
     else:
         importances = pd.DataFrame(columns=["feature", "importance", "std"])
