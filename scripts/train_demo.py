@@ -1,6 +1,6 @@
 """Train the built-in demo CNN on Fashion-MNIST and write its weights into the package.
 
-    python scripts/train_demo.py            # about 5 minutes on 2 CPU cores
+    python scripts/train_demo.py            # 3 epochs; demo_cnn.json records accuracy and time
 
 Writes netanatomy/data/demo_cnn.safetensors and demo_cnn.json (accuracy, recipe).
 Needs Debian's dataset-fashion-mnist.
