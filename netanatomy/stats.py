@@ -117,11 +117,12 @@ class WeightStats(LayerwiseAnalysis):
         blocks: list = []
         if result.summary.get("dead_units"):
             blocks.append(Callout(f"{result.summary['dead_units']} output units have all-zero weights.", "warn"))
-        if have_matplotlib() and result.ok_records:
+        matrices = [r for r in result.ok_records if r.get("kind") != str(LayerKind.NORM)]
+        if have_matplotlib() and matrices:
             from .plots import depth_plot
 
-            fig = depth_plot(result.ok_records, ["std", "unit_norm_cv"], title="Weight spread across depth")
-            blocks.append(Image.from_figure(fig, "Standard deviation of the weights and the coefficient of variation of per-unit norms, layer by layer."))
+            fig = depth_plot(matrices, ["std", "unit_norm_cv"], title="Weight spread across depth")
+            blocks.append(Image.from_figure(fig, "Standard deviation of the weights and the coefficient of variation of per-unit norms, for each conv / linear / embedding / attention layer in model order (norm layers left out)."))
         cols = ["layer", "kind", "params", "mean", "std", "q0", "q50", "q100", "fro_norm", "unit_norm_cv", "zero_fraction", "error"]
         blocks.append(Table.from_records(result.records, [c for c in cols if any(c in r for r in result.records)]))
         return blocks
