@@ -472,3 +472,25 @@ def test_stages_locate_growth():
     st = stages(x, v, sign)
     assert 3 <= st["early_end"] <= 6 and 7 <= st["growth_end"] <= 10
     assert st["sign_changed_at_5"] == pytest.approx(sign[5])
+
+
+def test_experiment_pipeline_tiny(tmp_path, monkeypatch):
+    """The experiment end to end on a tiny config (pipeline only, not the effect)."""
+    from netanatomy.datasets import fashion_mnist_available
+    from netanatomy.dynamics import experiment as E
+
+    if not fashion_mnist_available():
+        pytest.skip("Fashion-MNIST not installed")
+    tiny = E.ExperimentConfig("tiny", [E.NetConfig("mlp", 4, 16, epochs=4, train_n=256)], seeds=1, eval_n=128,
+                              plan_tau=0.3)
+    monkeypatch.setitem(E.CONFIGS, "tiny", tiny)
+    logs = []
+    s = E.run_experiment("tiny", tmp_path, log=logs.append)
+    assert set(s["runs"]) == {"mlp_narrow", "mlp_wide"}
+    p = s["plans"]["mlp"]
+    assert len(p["original"]) == len(p["planned"]) == 1
+    assert (tmp_path / "width_mlp_curves.png").exists() and (tmp_path / "curves_mlp.json").exists()
+    assert (tmp_path / "mlp_narrow" / "width_curves.parquet").exists()
+    # a second call reuses the finished runs
+    E.run_experiment("tiny", tmp_path, log=logs.append)
+    assert any("reusing" in line for line in logs)
