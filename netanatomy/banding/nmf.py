@@ -117,17 +117,45 @@ def nmf_batched(
     inner_b: int = 1,
     inner_a: int = 3,
     check_input: bool = True,
+    chunk_bytes: int = 0,
 ) -> NMFResult:
     """Factorise each ``X[n]`` (``(N, S, F)``, non-negative) as ``A[n] @ B[n]``.
 
-    HALS sweeps (B rows, then A columns) from NNDSVDa, stopping when the mean
-    relative decrease of the error over ``check_every`` sweeps falls below
-    ``tol`` or after ``max_iter`` sweeps. Works in X's dtype and device.
+    Neurons are processed in chunks of about ``chunk_bytes`` of input on the CPU
+    (so that every sweep runs in cache, not from main memory; 0 = one chunk),
+    all at once on a GPU. See :func:`_nmf_chunk` for the solver.
     """
     if X.dim() != 3:
         raise ValueError(f"expected a batch of matrices (N, S, F), got {tuple(X.shape)}")
     if check_input and bool((X < 0).any()):
         raise ValueError("NMF needs non-negative input")
+    n = X.shape[0]
+    per = max(1, X.shape[1] * X.shape[2] * X.element_size())
+    step = n if (chunk_bytes <= 0 or X.device.type != "cpu") else max(1, chunk_bytes // per)
+    if step >= n:
+        return _nmf_chunk(X, k, max_iter, tol, check_every, inner_b, inner_a)
+    parts = [_nmf_chunk(X[i : i + step], k, max_iter, tol, check_every, inner_b, inner_a) for i in range(0, n, step)]
+    return NMFResult(
+        A=torch.cat([p.A for p in parts]),
+        B=torch.cat([p.B for p in parts]),
+        err=torch.cat([p.err for p in parts]),
+        iterations=max(p.iterations for p in parts),
+    )
+
+
+def _nmf_chunk(
+    X: torch.Tensor,
+    k: int,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    inner_b: int,
+    inner_a: int,
+) -> NMFResult:
+    """HALS sweeps (B rows, then A columns) from NNDSVDa, stopping when the mean
+    relative decrease of the error over ``check_every`` sweeps falls below
+    ``tol`` or after ``max_iter`` sweeps. Works in X's dtype and device.
+    """
     n = X.shape[0]
     if n == 0:
         z = X.new_zeros

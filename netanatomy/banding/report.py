@@ -167,6 +167,52 @@ def markdown(res, files: dict[str, str], command: str) -> str:
     return "\n".join(L) + "\n"
 
 
+def demo_section(out: Path, prefix: str) -> list[str]:
+    """The built-in demo CNN (Fashion-MNIST, global average pooling) through the
+    same instrument: a per-layer table and its most banded layer's pictures."""
+    try:
+        from ..analysis import run_analyses
+        from ..demo import load_demo
+
+        model = load_demo()
+    except Exception:  # the demo weights are not shipped in this install
+        return []
+    (_, result), = run_analyses(model, ["banding"])
+    L = ["## The built-in demo model\n",
+         "`netanatomy analyze` on the demo CNN (`netanatomy.demo`, Fashion-MNIST, global average pooling before its "
+         "classifier), same instrument and thresholds:\n",
+         "| rank | layer | kernel | orientation | horizontally banded | vertically banded | median V_y | median V_x | last conv before global pooling |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(result.ok_records, key=lambda r: r["rank"]):
+        L.append(f"| {r['rank']} | {r['layer']} | {r['kernel']} | {r['orientation']} | {_pct(r['horizontal_fraction'])} | "
+                 f"{_pct(r['vertical_fraction'])} | {_f(r['v_y_median'])} | {_f(r['v_x_median'])} | "
+                 f"{'yes' if r.get('last_conv_before_global_pool') else ''} |")
+    L.append("")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        from .figures import picture_grid
+
+        layers = result.extras.get("layers", {})
+        top = result.extras.get("ranked", [None])[0]
+        if top in layers:
+            fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+            picture_grid(layers[top], ax=axes[0])
+            other = [n for n in result.extras["ranked"] if n != top][-1]
+            picture_grid(layers[other], ax=axes[1])
+            fig.tight_layout()
+            name = f"{prefix}_demo.png"
+            fig.savefig(out / name, dpi=110)
+            plt.close(fig)
+            L.append(f"![demo model: most and least banded layer]({name})\n")
+    except ImportError:
+        pass
+    return L
+
+
 def write_results(res, out, command: str | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,5 +221,8 @@ def write_results(res, out, command: str | None = None) -> Path:
     if command is None:
         command = f"netanatomy experiment banding --config {res.config.name} --out {shlex.quote(str(out))}"
     path = out / f"{prefix}.md"
-    atomic_write_text(path, markdown(res, files, command))
+    text = markdown(res, files, command)
+    if res.config.name != "quick":
+        text += "\n".join(demo_section(out, prefix)) + "\n"
+    atomic_write_text(path, text)
     return path
