@@ -309,3 +309,28 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         _, err = capsys.readouterr()
         assert exc.value.code == 2
         assert len([l for l in err.strip().splitlines() if l.strip()]) == 1 and "Traceback" not in err
+
+
+def test_finetune_zoo_and_map_against_its_base(tmp_path, data):
+    pytest.importorskip("sklearn")
+    from netanatomy.zoo.finetune import FinetuneConfig, finetune_zoo, task_view
+    from netanatomy.zoo.regions import map_zoo
+
+    v = task_view(data, "vflip")
+    assert torch.equal(v.x_train[0], data.x_train[0].flip(0)) and torch.equal(v.y_train, data.y_train)
+    c = task_view(data, "coarse")
+    assert set(c.y_train.tolist()) <= {0, 1, 2} and torch.equal(c.x_test, data.x_test)
+    with pytest.raises(UserError):
+        task_view(data, "swirl")
+
+    generate_zoo(tmp_path / "zoo", tiny_config(nets=1, group_size=1), SerialExecutor(), data=data)
+    base = tmp_path / "zoo" / "checkpoints" / "net00000" / "epoch_002.safetensors"
+    cfg = FinetuneConfig(tasks=("orig", "invert"), nets_per_task=3, steps=3, batch_size=8, eval_test=64)
+    s, df = finetune_zoo(tmp_path / "ft", base, cfg, SerialExecutor(), data=data)
+    assert s.ok and len(df) == 6 and set(df["task"]) == {"orig", "invert"}
+    again, _ = finetune_zoo(tmp_path / "ft", base, cfg, SerialExecutor(), data=data)
+    assert again.ran == []
+    m = map_zoo(tmp_path / "ft", base=str(tmp_path / "ft" / "base.safetensors"), labels=("task",), methods=("kmeans",))
+    assert m.coords.shape == (6, 2) and m.purity[0]["k"] == 2
+    with pytest.raises(UserError):
+        finetune_zoo(tmp_path / "ft", base, FinetuneConfig(tasks=("orig",), nets_per_task=1, steps=1), SerialExecutor(), data=data)

@@ -99,6 +99,34 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
             f = summary.failures[0]
             raise UserError(f"{len(summary.failures)} groups failed (first: {f.key}: {f.error}); re-run to retry them")
 
+    @zoo_app.command("finetune")
+    def zoo_finetune(
+        base: Path = typer.Option(..., "--base", help="A zoo checkpoint (safetensors) to start every net from."),
+        out: Path = typer.Option(..., "--out", help="Output zoo folder (re-running it resumes)."),
+        tasks: str = typer.Option("orig,vflip,invert,coarse", "--tasks", help="orig, vflip, hflip, rot90, invert, coarse."),
+        nets_per_task: int = typer.Option(8, "--nets-per-task"),
+        steps: int = typer.Option(150, "--steps"),
+        seed: int = typer.Option(0, "--seed"),
+        ray: Optional[str] = RayOpt,
+        workers: Optional[int] = WorkersOpt,
+    ) -> None:
+        """Fine-tune copies of one net on related tasks (a zoo for region maps)."""
+        from ..parallel import get_executor
+        from .finetune import FinetuneConfig, finetune_zoo
+
+        if nets_per_task < 1 or steps < 1:
+            raise UserError("--nets-per-task and --steps must be >= 1")
+        cfg = FinetuneConfig(tasks=_csv(tasks, "--tasks"), nets_per_task=nets_per_task, steps=steps, seed=seed)
+        prog, cb = _progress("finetune")
+        with get_executor(ray, workers) as ex, prog:
+            summary, df = finetune_zoo(out, base, cfg, executor=ex, progress=cb)
+        acc = df.groupby("task")["test_acc"].mean() if len(df) else {}
+        _out(f"wrote {out}: {len(df)} fine-tuned nets; mean test accuracy per task: "
+             + ", ".join(f"{t} {a:.3f}" for t, a in acc.items()))
+        if summary.failures:
+            f = summary.failures[0]
+            raise UserError(f"{len(summary.failures)} groups failed (first: {f.key}: {f.error}); re-run to retry them")
+
     @zoo_app.command("predict")
     def zoo_predict(
         zoo: Path = typer.Argument(..., help="A zoo folder (ours, or the Small CNN Zoo's weights.npy + metrics.csv)."),

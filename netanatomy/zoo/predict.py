@@ -36,15 +36,42 @@ def _sklearn():
         raise UserError("accuracy prediction needs scikit-learn: pip install 'netanatomy[ml]'") from exc
 
 
+def signed_log(x):
+    """sign(x) * log1p(|x|): tames the heavy tails of weight statistics (norms of
+    diverging runs) for the linear model and the MLP; trees do not need it."""
+    return np.sign(x) * np.log1p(np.abs(x))
+
+
+class ClippedRegressor:
+    """Clip predictions to the target range seen in training (accuracies are bounded)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def fit(self, X, y):
+        self.model.fit(X, y)
+        self.lo_, self.hi_ = float(np.min(y)), float(np.max(y))
+        return self
+
+    def predict(self, X):
+        return np.clip(self.model.predict(X), self.lo_, self.hi_)
+
+    def score(self, X, y):
+        from sklearn.metrics import r2_score
+
+        return r2_score(y, self.predict(X))
+
+
 def make_predictor(name: str, seed: int = 0):
     _sklearn()
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
     if name == "linear":
         from sklearn.linear_model import RidgeCV
 
-        return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-4, 3, 15)))
+        return ClippedRegressor(make_pipeline(FunctionTransformer(signed_log), StandardScaler(),
+                                              RidgeCV(alphas=np.logspace(-4, 3, 15))))
     if name == "gbm":
         from sklearn.ensemble import HistGradientBoostingRegressor
 
@@ -53,11 +80,12 @@ def make_predictor(name: str, seed: int = 0):
     if name == "mlp":
         from sklearn.neural_network import MLPRegressor
 
-        return make_pipeline(
+        return ClippedRegressor(make_pipeline(
+            FunctionTransformer(signed_log),
             StandardScaler(),
-            MLPRegressor(hidden_layer_sizes=(128, 64), alpha=1e-3, learning_rate_init=1e-3, max_iter=1000,
-                         early_stopping=True, validation_fraction=0.15, n_iter_no_change=30, random_state=seed),
-        )
+            MLPRegressor(hidden_layer_sizes=(128, 64), alpha=1e-2, learning_rate_init=1e-3, max_iter=2000,
+                         early_stopping=True, validation_fraction=0.15, n_iter_no_change=50, random_state=seed),
+        ))
     raise UserError(f"unknown predictor {name!r}; choose from {', '.join(PREDICTORS)}")
 
 

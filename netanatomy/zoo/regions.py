@@ -206,16 +206,18 @@ def build_map(
     for col in labels:
         if col not in meta.columns:
             raise UserError(f"label column {col!r} not in the zoo's metrics ({', '.join(map(str, meta.columns))})")
-    if k is None:
-        k = int(meta[labels[0]].astype(str).nunique()) if labels else 2
+    # k: given, else per label column its number of distinct values (else 2)
+    ks = {col: (k or int(meta[col].astype(str).nunique())) for col in labels}
+    k_main = k or (ks[labels[0]] if labels else 2)
     D_cos = pairwise_distances(X, "cosine")
-    clusters = {m: cluster(X, k, m, seed, D_cos) for m in methods}
+    by_k = {kk: {m: cluster(X, kk, m, seed, D_cos) for m in methods} for kk in sorted(set(ks.values()) | {k_main})}
+    clusters = by_k[k_main]
     coords = embed_2d(X, embedding, seed)
     pur = []
     for col in labels:
         lab = meta[col].astype(str).to_numpy()
-        for m, c in clusters.items():
-            pur.append({"method": m, "label": col, "k": k, "purity": purity(c, lab),
+        for m, c in by_k[ks[col]].items():
+            pur.append({"method": m, "label": col, "k": ks[col], "purity": purity(c, lab),
                         "chance_purity": float(np.unique(lab, return_counts=True)[1].max() / len(lab)),
                         "ari": float(adjusted_rand_score(lab, c))})
     dist = []
@@ -229,7 +231,7 @@ def build_map(
             w, b = _within_between(D, lab)
             dist.append({"label": col, "space": space, "within": w, "between": b,
                          "ratio": b / w if w and w > 0 and math.isfinite(b) else math.nan})
-    return RegionMap(meta, coords, clusters, dist, pur, dict(info or {}, models=int(X.shape[0]), k=k, embedding=embedding))
+    return RegionMap(meta, coords, clusters, dist, pur, dict(info or {}, models=int(X.shape[0]), k=k_main, embedding=embedding))
 
 
 def map_zoo(
