@@ -277,5 +277,5 @@ def test_experiment_quick_smoke(tmp_path):
     shares = res.joint_types["shares"]
     assert all(abs(sum(s) - 1) < 1e-9 for s in shares.values())
     # cached runs are reused, not retrained
-    res2 = run_experiment("quick", tmp_path)
+    res2 = run_experiment("quick", tmp_path, interventions=("baseline",))
     assert res2.runs["baseline"]["train_seconds"] == res.runs["baseline"]["train_seconds"]

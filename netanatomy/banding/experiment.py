@@ -260,15 +260,32 @@ def judge(res: ExperimentResult) -> list[dict]:
     """One statement per intervention: did the article's finding reproduce?"""
     out = []
     b5 = _rec(res, "baseline", "5b")
+
+    def most_banded(run: str) -> str:
+        recs = [lb.record for (r, _), lb in res.layers.items() if r == run]
+        if not recs:
+            return ""
+        top = max(recs, key=lambda r: r["banding_score"] if r["banding_score"] == r["banding_score"] else -1)
+        return f"; most banded layer {top['layer'].split('/')[-1]}: {_fmt(top)}"
+
     if b5:
         ok = b5["orientation"] == "horizontal"
         out.append({"intervention": "baseline", "claim": "horizontal bands in the last conv (5b)", "reproduced": ok,
-                    "evidence": f"5b {_fmt(b5)}"})
+                    "evidence": f"5b {_fmt(b5)}" + most_banded("baseline")})
     r5 = _rec(res, "rotate", "5b")
     if r5:
         ok = r5["orientation"] == "vertical"
-        out.append({"intervention": "rotate", "claim": "bands turn vertical with 90-degree rotated inputs", "reproduced": ok,
-                    "evidence": f"5b {_fmt(r5)}"})
+        mirrored = []
+        for (run, layer), lb in res.layers.items():
+            if run == "baseline" and lb.record["orientation"] == "horizontal":
+                rr = _rec(res, "rotate", layer)
+                if rr:
+                    mirrored.append(f"{layer} {rr['orientation']} ({100 * rr['vertical_fraction']:.0f}% vertically banded, V_x {rr['v_x_median']:.2f})")
+        ev = f"5b {_fmt(r5)}"
+        if mirrored:
+            ev += "; the layers that are horizontal in the baseline become: " + ", ".join(mirrored)
+        out.append({"intervention": "rotate", "claim": "bands turn vertical with 90-degree rotated inputs (in 5b)", "reproduced": ok,
+                    "evidence": ev})
     n5 = _rec(res, "nopool", "5b")
     if n5 and b5:
         ok = n5["orientation"] == "none" and n5["banded_fraction"] <= 0.5 * max(b5["banded_fraction"], 1e-9)
