@@ -279,3 +279,15 @@ def test_experiment_quick_smoke(tmp_path):
     # cached runs are reused, not retrained
     res2 = run_experiment("quick", tmp_path, interventions=("baseline",))
     assert res2.runs["baseline"]["train_seconds"] == res.runs["baseline"]["train_seconds"]
+
+
+def test_bad_options_are_user_errors():
+    import netanatomy
+    from netanatomy.analysis import get_analysis
+    from netanatomy.errors import UserError
+
+    model = netanatomy.load(_GapNet3())
+    cls = get_analysis("banding")
+    for key, val in (("band_min", "1.5"), ("k_types", "0"), ("margin", "-0.1")):
+        with pytest.raises(UserError):
+            cls().run(model, cls.make_options({key: val}))

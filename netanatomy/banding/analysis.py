@@ -27,6 +27,19 @@ class BandingOptions:
     seed: int = 0
 
 
+def _check(o: BandingOptions) -> None:
+    from ..errors import UserError
+
+    if o.k_types < 1:
+        raise UserError("banding.k_types must be at least 1")
+    for name in ("band_min", "margin", "min_fraction"):
+        v = getattr(o, name)
+        if not 0.0 <= v <= 1.0:
+            raise UserError(f"banding.{name} must lie in [0, 1], got {v}")
+    if o.min_kernel < 1 or o.max_neurons < 0 or o.max_iter < 1 or o.tol < 0:
+        raise UserError("banding: min_kernel and max_iter must be >= 1, max_neurons and tol >= 0")
+
+
 @register_analysis("banding")
 class BandingAnalysis(LayerwiseAnalysis):
     title = "Weight banding"
@@ -72,6 +85,7 @@ class BandingAnalysis(LayerwiseAnalysis):
 
     def run(self, model: Model, options: BandingOptions | None = None, progress=None) -> AnalysisResult:
         options = options if options is not None else self.make_options()
+        _check(options)
         self._min_kernel = max(1, int(options.min_kernel))
         self._detail = {}
         result = super().run(model, options, progress)
