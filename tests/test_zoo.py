@@ -131,13 +131,14 @@ def test_other_config_in_same_folder_is_refused(tmp_path, data):
     assert df["run"].nunique() == 3
 
 
+@pytest.mark.slow  # starting a local Ray cluster takes ~10 s idle, over a minute on a loaded machine
 def test_ray_and_local_backends_agree(tmp_path, data):
     ray = pytest.importorskip("ray")
     from netanatomy.parallel import RayExecutor
 
     cfg = tiny_config(nets=4, group_size=2, activations=("relu",), optimizers=("adam", "sgd"))
     _, df_local = generate_zoo(tmp_path / "local", cfg, SerialExecutor(threads=1), data=data)
-    with RayExecutor("local", num_cpus=2) as ex:
+    with RayExecutor("local", num_cpus=1) as ex:
         _, df_ray = generate_zoo(tmp_path / "ray", cfg, ex, data=data)
     assert not ray.is_initialized()
     pd.testing.assert_frame_equal(df_local, df_ray)
