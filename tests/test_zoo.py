@@ -335,3 +335,19 @@ def test_finetune_zoo_and_map_against_its_base(tmp_path, data):
     assert m.coords.shape == (6, 2) and m.purity[0]["k"] == 2
     with pytest.raises(UserError):
         finetune_zoo(tmp_path / "ft", base, FinetuneConfig(tasks=("orig",), nets_per_task=1, steps=1), SerialExecutor(), data=data)
+
+
+def test_predict_cli_on_the_published_layout(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    from netanatomy.cli import main
+
+    _write_small_cnn_zoo(tmp_path / "scz", n_runs=12)
+    with pytest.raises(SystemExit) as exc:
+        main(["zoo", "predict", str(tmp_path / "scz"), "--epochs", "all", "--predictors", "linear",
+              "--splits", "1", "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 0, err
+    assert "linear: R2" in out
+    doc = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert doc["info"]["kind"] == "smallcnnzoo" and doc["scores"][0]["test_runs"] == 2
+    assert doc["scores"][0]["test_rows"] == 6

@@ -333,7 +333,7 @@ def _normalise_smallcnn_metrics(raw):
 # features
 
 
-def flat_features(W: np.ndarray, layout: list[LayoutEntry], chunk: int = 20000):
+def flat_features(W: np.ndarray, layout: list[LayoutEntry], chunk: int = 2000):
     """Per-tensor statistics for every row of ``W`` -> DataFrame (rows x features).
 
     Columns ``<layer>.<weight|bias>.<stat>`` with stats :data:`STAT_NAMES`;

@@ -250,7 +250,7 @@ def _feature_work(payload):
 
 
 def zoo_features(zoo, rows: Sequence[int], cache_dir: Path | None = None, executor=None, esd: bool = False,
-                 chunk: int = 250, progress=None):
+                 chunk: int | None = None, progress=None):
     """Feature table for ``rows`` of ``zoo`` (index = row). With ``cache_dir``
     the chunks are cached resume-safely (a re-run reads finished chunks)."""
     import hashlib
@@ -260,7 +260,11 @@ def zoo_features(zoo, rows: Sequence[int], cache_dir: Path | None = None, execut
 
     from ..parallel import SerialExecutor, WorkItem, run_resumable
 
-    rows = list(rows)
+    rows = [int(r) for r in rows]
+    if chunk is None:  # file-per-checkpoint zoos: small chunks; one big matrix: big ones
+        chunk = 250 if zoo.kind == "netanatomy" else 5000
+    if esd:
+        chunk = min(chunk, 100)
     items = []
     for i in range(0, len(rows), chunk):
         part = rows[i : i + chunk]
