@@ -31,8 +31,8 @@ def posneg(weight: torch.Tensor) -> torch.Tensor:
     if weight.dim() != 4:
         raise ValueError(f"posneg expects (out, in, kh, kw) kernels, got shape {tuple(weight.shape)}")
     n, c, kh, kw = weight.shape
-    x = weight.reshape(n, c, kh * kw).transpose(1, 2)
-    return torch.cat([x.clamp(min=0), (-x).clamp(min=0)], dim=2)
+    xt = torch.cat([weight.clamp(min=0), weight.neg().clamp_(min=0)], dim=1).reshape(n, 2 * c, kh * kw)
+    return xt.transpose(1, 2)  # a view; nmf_batched makes the layouts it needs
 
 
 @dataclass
@@ -160,9 +160,10 @@ def _nmf_chunk(
     if n == 0:
         z = X.new_zeros
         return NMFResult(z(0, X.shape[1], k), z(0, k, X.shape[2]), z(0), 0)
+    Xt = X.transpose(1, 2).contiguous()  # (N,F,S)
+    X = Xt.transpose(1, 2).contiguous()  # (N,S,F)
     A, B = nndsvda_init(X, k)
-    XX = (X * X).sum(dim=(1, 2))
-    Xt = X.transpose(1, 2).contiguous()
+    XX = (Xt * Xt).sum(dim=(1, 2))
     prev = None
     it = 0
     for it in range(1, max_iter + 1):
@@ -171,6 +172,12 @@ def _nmf_chunk(
         At = A.transpose(1, 2)
         AtA = At @ A  # (N,k,k)
         AtX = At @ X  # (N,k,F)
+        if it > 1 and (it - 1) % check_every == 0:  # error of the previous sweep, from products we have
+            err = _sq_error(XX, A, B, AtX).mean()
+            if prev is not None and (prev - err) / (XX.mean() + EPS) < tol * check_every:
+                it -= 1  # this sweep was not made
+                break
+            prev = err
         dA = AtA.diagonal(dim1=1, dim2=2).clamp(min=EPS)  # (N,k)
         for _ in range(inner_b):
             for j in range(k):
@@ -185,11 +192,6 @@ def _nmf_chunk(
             for j in range(k):
                 num = XBt[:, :, j] - (A @ BBt[:, :, j : j + 1])[:, :, 0]
                 A[:, :, j] = (A[:, :, j] + num / dB[:, j, None]).clamp(min=0)
-        if it % check_every == 0 or it == max_iter:
-            err = _sq_error(XX, A, B, A.transpose(1, 2) @ X).mean()
-            if prev is not None and (prev - err) / (XX.mean() + EPS) < tol * check_every:
-                break
-            prev = err
     # Unit-norm rows of B; the scale moves into A so the pictures carry magnitude.
     norms = B.norm(dim=2)  # (N,k)
     B = B / (norms[:, :, None] + EPS)
