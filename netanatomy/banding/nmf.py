@@ -54,10 +54,11 @@ class NMFResult:
         return float(self.err.mean())
 
 
-def nndsvda_init(X: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """NNDSVD start (Boutsidis & Gallopoulos) with zeros filled by the mean of X, batched."""
+def nndsvda_init(X: torch.Tensor, k: int, G: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """NNDSVD start (Boutsidis & Gallopoulos) with zeros filled by the mean of X, batched.
+    ``G = X X^T`` may be passed when already computed."""
     n, s, f = X.shape
-    U, S, Vh = _top_svd(X, k)
+    U, S, Vh = _top_svd(X, k, G)
     r = S.shape[1]
     A = torch.zeros(n, s, k, dtype=X.dtype, device=X.device)
     B = torch.zeros(n, k, f, dtype=X.dtype, device=X.device)
@@ -81,14 +82,14 @@ def nndsvda_init(X: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return A, B
 
 
-def _top_svd(X: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _top_svd(X: torch.Tensor, k: int, G: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Leading ``k`` singular triplets of each short-and-wide ``X[n]`` from the small
     Gram matrix ``X X^T`` (S x S); much cheaper than a full SVD when S << F."""
     s, f = X.shape[1], X.shape[2]
     if s > f:  # tall: work on the transpose
         U, S, Vh = _top_svd(X.transpose(1, 2), k)
         return Vh.transpose(1, 2), S, U.transpose(1, 2)
-    G = (X @ X.transpose(1, 2)).double()
+    G = (X @ X.transpose(1, 2) if G is None else G).double()
     evals, evecs = torch.linalg.eigh(G)  # ascending
     r = min(k, s)
     evals = evals.flip(-1)[:, :r].clamp(min=0)
@@ -162,8 +163,9 @@ def _nmf_chunk(
         return NMFResult(z(0, X.shape[1], k), z(0, k, X.shape[2]), z(0), 0)
     Xt = X.transpose(1, 2).contiguous()  # (N,F,S)
     X = Xt.transpose(1, 2).contiguous()  # (N,S,F)
-    A, B = nndsvda_init(X, k)
-    XX = (Xt * Xt).sum(dim=(1, 2))
+    G = X @ Xt  # (N,S,S)
+    XX = G.diagonal(dim1=1, dim2=2).sum(-1)  # ||X||^2 per neuron
+    A, B = nndsvda_init(X, k, G)
     prev = None
     it = 0
     for it in range(1, max_iter + 1):
