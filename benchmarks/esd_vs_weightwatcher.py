@@ -76,7 +76,8 @@ def child_ours(path: str, full: bool, workers: int) -> dict:
         torch.linalg.eigvalsh(g)
         floors[key] = time.perf_counter() - t
         del w, g
-    return {"seconds": secs, "peak_rss_mb": peak, "layers": layers, "floors": floors, "workers": workers}
+    used = workers if workers > 0 else max(1, min(os.cpu_count() or 1, len(res.records)))
+    return {"seconds": secs, "peak_rss_mb": peak, "layers": layers, "floors": floors, "workers": used}
 
 
 def child_peer(path: str, full: bool, threads: int) -> dict:

@@ -60,7 +60,7 @@ class SpectralOptions:
     seed: int = 0  # for randomize
     precision: Literal["auto", "float32", "float64"] = "auto"
     alpha_tol: float = 1e-3  # auto precision: redo in float64 if float32 could move alpha by more
-    # (or by more than 1% of the fit's standard error sigma, if that is larger)
+    # (or by more than 5% of the fit's standard error sigma, if that is larger)
     workers: int = 0  # layers in parallel; 0 = one per CPU core (1 on GPU)
     base: str | None = None  # path of a base model: analyse W - W_base, layers matched by name
     keep_spectra: bool = True  # keep eigenvalues in result.extras for pictures
@@ -90,15 +90,17 @@ def _fit_values(sp: Spectrum, options: SpectralOptions) -> tuple[PowerLawFit, np
 
 
 def _alpha_error_bound(sp: Spectrum, fit: PowerLawFit) -> float:
-    """How far the eigenvalue errors of the precision used could move alpha."""
+    """How far eigenvalue errors of the size measured for the precision used
+    (about sqrt(M) eps lambda_max, a quarter of the resolution floor) could move
+    alpha if they all pushed the same way."""
     if not fit.ok:
         return 0.0
-    floor = sp.floor
+    err = sp.floor / 4.0
     tail = sp.evals[sp.evals >= fit.xmin]
     denom = float(np.log(tail / fit.xmin).sum())
-    if denom <= 0 or fit.xmin <= floor:
+    if denom <= 0 or fit.xmin <= err:
         return math.inf
-    spread = float((floor / tail).sum()) + tail.size * floor / (fit.xmin - floor)
+    spread = float((err / tail).sum()) + tail.size * err / (fit.xmin - err)
     return (fit.alpha - 1.0) * spread / denom
 
 
@@ -115,8 +117,8 @@ def spectral_row(
     sp = spectrum_of(batch, options.precision, device, keep_per_matrix=options.per_slice and batch.shape[0] > 1)
     fit, ev = _fit_values(sp, options)
     # float32 is kept when its eigenvalue errors cannot move alpha by more than
-    # alpha_tol or 1% of the fit's own standard error, whichever is larger
-    tol = max(options.alpha_tol, 0.01 * fit.sigma) if fit.ok else options.alpha_tol
+    # alpha_tol or 5% of the fit's own standard error, whichever is larger
+    tol = max(options.alpha_tol, 0.05 * fit.sigma) if fit.ok else options.alpha_tol
     if sp.precision == "float32" and options.precision == "auto" and _alpha_error_bound(sp, fit) > tol:
         sp = spectrum_of(batch, "float64", device, keep_per_matrix=sp.per_matrix is not None)
         fit, ev = _fit_values(sp, options)
