@@ -17,17 +17,27 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
 
-try:  # newer Typer releases carry their own copy of click
-    from typer._click import exceptions as _tclick
-except ImportError:  # pragma: no cover - older Typer uses click itself
-    _tclick = click.exceptions
 
-_Exit = (click.exceptions.Exit, typer.Exit)
-_Abort = (click.exceptions.Abort, typer.Abort)
-_ClickError = (click.exceptions.ClickException, _tclick.ClickException)
+def _exception_classes(attr: str) -> tuple[type, ...]:
+    """``attr`` from Typer and from whichever click it runs on (newer Typer
+    releases carry their own copy of click and do not install click itself)."""
+    found: list[type] = []
+    for mod_name in ("typer", "typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            continue
+        cls = getattr(mod, attr, None)
+        if isinstance(cls, type) and cls not in found:
+            found.append(cls)
+    return tuple(found)
+
+
+_Exit = _exception_classes("Exit")
+_Abort = _exception_classes("Abort")
+_ClickError = _exception_classes("ClickException")
 
 from .errors import UserError
 
