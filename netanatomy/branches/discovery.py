@@ -261,7 +261,7 @@ def _flow_from_fx(model: Model) -> tuple[_Flow | None, str]:
     nodes: list[_Node] = []
     for node in graph.nodes:
         ids[node] = len(ids)
-        ins = [ids[a] for a in _fx_args(node) if a in ids]
+        ins = [ids[a] for a in list(node.all_input_nodes) if a in ids]
         op, label, axis, layer = "other", "", None, None
         if node.op == "placeholder":
             op, label = "input", "input"
@@ -297,26 +297,6 @@ def _flow_from_fx(model: Model) -> tuple[_Flow | None, str]:
             axis = axis + rank
         nodes.append(_Node(len(nodes), op, ins, layer=layer, axis=axis, channels=channels, rank=rank, label=label))
     return _Flow(nodes, model), "torch.fx"
-
-
-def _fx_args(node) -> list:
-    import torch.fx as fx
-
-    found = []
-
-    def visit(a):
-        if isinstance(a, fx.Node):
-            found.append(a)
-        elif isinstance(a, (list, tuple)):
-            for x in a:
-                visit(x)
-        elif isinstance(a, dict):
-            for x in a.values():
-                visit(x)
-
-    visit(node.args)
-    visit(node.kwargs)
-    return found
 
 
 def _propagate_shapes(gm, model: Model) -> bool:

@@ -124,7 +124,7 @@ def trace_graph(module: nn.Module, layer_names: set[str]) -> tuple[Graph | None,
 def _sources(node, layer_node, modules):
     """Walk back from ``node``'s inputs to the nearest layer nodes, recording ops."""
     out = []
-    stack = [(arg, ()) for arg in _node_args(node)]
+    stack = [(arg, ()) for arg in list(node.all_input_nodes)]
     seen = set()
     while stack:
         cur, via = stack.pop()
@@ -136,29 +136,9 @@ def _sources(node, layer_node, modules):
         seen.add((cur, via))
         label = _op_label(cur, modules)
         nxt = via + ((label,) if label else ())
-        for arg in _node_args(cur):
+        for arg in cur.all_input_nodes:
             stack.append((arg, nxt))
     return out
-
-
-def _node_args(node):
-    import torch.fx as fx
-
-    found = []
-
-    def visit(a):
-        if isinstance(a, fx.Node):
-            found.append(a)
-        elif isinstance(a, (list, tuple)):
-            for x in a:
-                visit(x)
-        elif isinstance(a, dict):
-            for x in a.values():
-                visit(x)
-
-    visit(node.args)
-    visit(node.kwargs)
-    return found
 
 
 _SPATIAL_ALL = ({2, 3}, {-1, -2}, {2, -1}, {-2, 3})
