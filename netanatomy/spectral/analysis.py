@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,8 @@ from .powerlaw import PowerLawFit, compare_tail, fit_power_law
 SPECTRAL_KINDS = frozenset(
     {LayerKind.LINEAR, LayerKind.ATTENTION, LayerKind.EMBEDDING, LayerKind.CONV1D, LayerKind.CONV2D, LayerKind.CONV3D}
 )
+# layers with at least this many weights run one at a time (memory, not speed)
+BIG_LAYER = 64 * 2**20
 OVER_TRAINED = 2.0
 UNDER_TRAINED = 6.0
 
@@ -243,8 +246,17 @@ class SpectralAnalysis(LayerwiseAnalysis):
         try:
             if workers > 1:
                 torch.set_num_threads(1)  # one BLAS thread per layer; layers fill the cores
+                big = threading.Semaphore(1)
+
+                def one(layer: Layer) -> list[dict]:
+                    # at most one very large layer (embedding, LM head) in memory at a time
+                    if _numel(layer.shape) >= BIG_LAYER:
+                        with big:
+                            return run_layer_safely(self.analyze_layer, layer, options)
+                    return run_layer_safely(self.analyze_layer, layer, options)
+
                 with ThreadPoolExecutor(max_workers=workers) as pool:
-                    futs = {pool.submit(run_layer_safely, self.analyze_layer, layer, options): i for i, layer in enumerate(layers)}
+                    futs = {pool.submit(one, layer): i for i, layer in enumerate(layers)}
                     done = 0
                     for fut in _as_completed(futs):
                         results[futs[fut]] = fut.result()
@@ -284,6 +296,13 @@ class SpectralAnalysis(LayerwiseAnalysis):
         from .report import render_result
 
         return render_result(self, result)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def _as_completed(futs):
