@@ -22,7 +22,7 @@ def flagged_rows(records: list[dict]) -> list[dict]:
 
 def render_result(analysis, result) -> list:
     s = result.summary
-    blocks: list = [Paragraph(analysis.description)]
+    blocks: list = []  # the report shows analysis.description above the section already
     rows = [r for r in result.ok_records if "slice" not in r]
     if "alpha" in s:
         blocks.append(
