@@ -9,7 +9,6 @@ alone (a sequential guess of each layer's successor, noted in the groups).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 from typing import Iterable
@@ -19,7 +18,7 @@ import torch
 from ..errors import UserError
 from .groups import find_channel_groups
 from .record import WidthRecord
-from .tracker import WidthTracker
+from .tracker import WidthTracker, layers_meta
 
 CKPT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".npz")
 
@@ -63,16 +62,7 @@ class _StoreTracker(WidthTracker):
         self.meta = {
             "format": "netanatomy.width/1",
             "model": model.name,
-            "layers": {
-                g.layer: {
-                    **g.describe(),
-                    "shape": list(model[g.layer].shape),
-                    "groups": model[g.layer].groups,
-                    "has_bias": g.bias_key is not None,
-                    "out_slices": [dataclasses.asdict(o) for o in g.outs],
-                }
-                for g in self.groups
-            },
+            "layers": layers_meta(self.groups, model),
             "order": [g.layer for g in self.groups],
             "settings": {"every": None, "include_1d": self.include_1d, "posthoc": True},
         }

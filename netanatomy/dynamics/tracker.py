@@ -52,6 +52,20 @@ def _guarded(default=None):
     return deco
 
 
+def layers_meta(groups, model) -> dict:
+    """Per tracked layer: its channel group, shape and outgoing slices (saved with a run)."""
+    return {
+        g.layer: {
+            **g.describe(),
+            "shape": list(model[g.layer].shape),
+            "groups": model[g.layer].groups,
+            "has_bias": g.bias_key is not None,
+            "out_slices": [dataclasses.asdict(o) for o in g.outs],
+        }
+        for g in groups
+    }
+
+
 class WidthTracker:
     """Record channel-norm curves of ``module`` while it trains.
 
@@ -118,16 +132,7 @@ class WidthTracker:
         self.meta = {
             "format": "netanatomy.width/1",
             "model": type(self.module).__name__,
-            "layers": {
-                g.layer: {
-                    **g.describe(),
-                    "shape": list(model[g.layer].shape),
-                    "groups": model[g.layer].groups,
-                    "has_bias": g.bias_key is not None,
-                    "out_slices": [dataclasses.asdict(o) for o in g.outs],
-                }
-                for g in self.groups
-            },
+            "layers": layers_meta(self.groups, model),
             "order": [g.layer for g in self.groups],
             "settings": {"every": self.every, "include_1d": self.include_1d},
         }
