@@ -377,7 +377,7 @@ def analyse_weight(
         "vertical_fraction": vf,
         "banded_fraction": hf + vf,
         "orientation": layer_orientation(hf, vf, min_fraction),
-        "banding_score": banding_score(rec_vy := (float(valid_y.median()) if valid_y.numel() else math.nan),
+        "banding_score": banding_score(float(valid_y.median()) if valid_y.numel() else math.nan,
                                        float(valid_x.median()) if valid_x.numel() else math.nan, kh, kw),
     }
     if red.nmf_error is not None:

@@ -26,7 +26,6 @@ checkpoint of any architecture through :func:`netanatomy.load`.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -130,8 +129,6 @@ def open_zoo(path: str | Path) -> Zoo:
 
 
 def _open_ours(root: Path) -> Zoo:
-    from .train import CHANNELS, PARAM_NAMES
-
     df = _read_metrics_table(root)
     need = {"run", "epoch", "checkpoint", "test_acc"}
     missing = need - set(df.columns)

@@ -33,7 +33,6 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from .train import (
-    CHANNELS,
     PARAM_NAMES,
     StackOptimizer,
     ZooData,

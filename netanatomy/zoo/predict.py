@@ -172,7 +172,6 @@ def fit_and_score(
 ) -> PredictionReport:
     """Fit every predictor on ``splits`` random run-level splits; score held-out runs."""
     import pandas as pd
-    from sklearn.metrics import r2_score
 
     _sklearn()
     if not isinstance(X, pd.DataFrame):

@@ -28,11 +28,9 @@ net, so a group's nets stay in lock step); checkpoints are written at epoch 0
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
