@@ -10,6 +10,7 @@ its reason; a fit that fails or means nothing yields NaN and a reason.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -90,6 +91,17 @@ def _fit_values(sp: Spectrum, options: SpectralOptions) -> tuple[PowerLawFit, np
     if fit.reason and ev.size < sp.evals.size and ev.size < options.min_tail:
         fit.reason += f"; {sp.evals.size - ev.size} of {sp.evals.size} eigenvalues are numerically zero"
     return fit, ev
+
+
+def _blas_threads(n: int):
+    """Limit the threads of the BLAS library scipy uses (its syrk builds the large
+    Gram matrices, see ``esd._syrk_gram``) as torch's are limited; a no-op context
+    when threadpoolctl is not installed."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
 
 
 def _alpha_error_bound(sp: Spectrum, fit: PowerLawFit) -> float:
@@ -243,7 +255,14 @@ class SpectralAnalysis(LayerwiseAnalysis):
         start = time.perf_counter()
         results: list[list[dict]] = [[] for _ in layers]
         threads = torch.get_num_threads()
+        blas_limit = _blas_threads(1 if workers > 1 else threads)
+        # import the fit's scipy modules once here, not under the GIL in every worker
+        import scipy.linalg.blas  # noqa: F401
+        import scipy.optimize  # noqa: F401
+        import scipy.special  # noqa: F401
+        import scipy.stats  # noqa: F401
         try:
+            blas_limit.__enter__()
             if workers > 1:
                 torch.set_num_threads(1)  # one BLAS thread per layer; layers fill the cores
                 big = threading.Semaphore(1)
@@ -269,6 +288,7 @@ class SpectralAnalysis(LayerwiseAnalysis):
                         progress(layer.name, i, len(layers))
                     results[i] = run_layer_safely(self.analyze_layer, layer, options)
         finally:
+            blas_limit.__exit__(None, None, None)
             torch.set_num_threads(threads)
         if progress:
             progress("", len(layers), len(layers))

@@ -131,6 +131,10 @@ def gram_eigvalsh(batch: torch.Tensor, dtype: torch.dtype, device=None, block_el
     slab = max(1, block_elems // max(1, small * min(per, count)))
     for s in range(0, count, per):
         part = batch[s : s + per]
+        if _use_syrk(small, dtype, device):
+            ev = torch.stack([torch.linalg.eigvalsh(_syrk_gram(part[i], dtype, slab)) for i in range(part.shape[0])])
+            out.append(ev.clamp_min_(0))
+            continue
         g = torch.zeros(part.shape[0], small, small, dtype=dtype, device=device)
         for r in range(0, long_, slab):
             if a >= b:
@@ -144,6 +148,42 @@ def gram_eigvalsh(batch: torch.Tensor, dtype: torch.dtype, device=None, block_el
         del g
         out.append(ev.clamp_min_(0).cpu())
     return torch.cat(out, 0)
+
+
+# on the CPU, Gram matrices at least this wide use BLAS syrk (one triangle: half
+# the multiply-adds of a general matrix product); smaller ones stay batched
+SYRK_MIN = 512
+
+
+def _use_syrk(small: int, dtype: torch.dtype, device) -> bool:
+    if small < SYRK_MIN or dtype not in (torch.float32, torch.float64):
+        return False
+    return device is None or torch.device(device).type == "cpu"
+
+
+def _syrk_gram(mat: torch.Tensor, dtype: torch.dtype, slab: int) -> torch.Tensor:
+    """Lower triangle of the Gram matrix of the smaller side of one (rows, cols)
+    matrix by BLAS syrk, accumulated over slabs of the long side (each converted to
+    ``dtype`` on its own). Only the lower triangle is filled: read it with
+    ``eigvalsh(..., UPLO="L")`` (the default)."""
+    from scipy.linalg import blas
+
+    syrk = blas.ssyrk if dtype == torch.float32 else blas.dsyrk
+    a, b = mat.shape
+    g = None
+    for r in range(0, max(a, b), slab):
+        if a >= b:
+            # rows slab x (r, b): G += x^T x; x^T of a C-ordered x is Fortran-ordered
+            x = mat[r : r + slab, :].to(dtype=dtype).contiguous().numpy().T
+        else:
+            x = mat[:, r : r + slab].to(dtype=dtype).contiguous().numpy()
+            x = np.asfortranarray(x)
+        if g is None:
+            g = syrk(1.0, x, trans=0, lower=1)
+        else:
+            g = syrk(1.0, x, beta=1.0, c=g, trans=0, lower=1, overwrite_c=1)
+        del x
+    return torch.from_numpy(g)
 
 
 def spectrum_of(
