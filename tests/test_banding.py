@@ -291,3 +291,16 @@ def test_bad_options_are_user_errors():
     for key, val in (("band_min", "1.5"), ("k_types", "0"), ("margin", "-0.1")):
         with pytest.raises(UserError):
             cls().run(model, cls.make_options({key: val}))
+
+
+def test_reduce_kernels_matches_dense_posneg_path():
+    # reduce_kernels works on P = relu(W) and W without building the posneg matrix;
+    # it must give the same factorisation as the dense path on posneg(W).
+    torch.manual_seed(3)
+    w = torch.randn(6, 5, 3, 3)
+    a = reduce_kernels(w, k=3, tol=0, max_iter=40)
+    b = nmf_batched(posneg(w), k=3, tol=0, max_iter=40)
+    assert torch.allclose(a.A.reshape(6, 9, 3), b.A, atol=1e-4, rtol=1e-3)
+    assert torch.allclose(a.err, b.err, atol=1e-4, rtol=1e-3)
+    direct = (posneg(w) - a.A.reshape(6, 9, 3) @ a.B).flatten(1).norm(dim=1)
+    assert torch.allclose(direct, a.err, atol=1e-4, rtol=1e-3)

@@ -22,7 +22,7 @@ class BandingOptions:
     min_kernel: int = 3  # smallest kernel side analysed
     max_neurons: int = 0  # analyse a random subset of this many neurons (0 = all)
     max_iter: int = 200  # NMF sweeps at most
-    tol: float = 3e-4  # NMF stopping tolerance
+    tol: float = 1e-3  # NMF stopping tolerance
     grids: int = 4  # picture grids in the report (most banded layers + last conv before pooling)
     seed: int = 0
 
