@@ -47,17 +47,16 @@ def rss_mb() -> float:
 
 
 def child_ours(path: str, full: bool, workers: int) -> dict:
+    # the scipy modules the analysis imports lazily are imported here, outside the
+    # timing, as the peer's are (importing weightwatcher loads scipy before its t0)
+    import scipy.linalg.blas
+    import scipy.optimize
+    import scipy.special
+    import scipy.stats
     import torch
 
     import netanatomy
     from netanatomy.spectral.analysis import analyze
-
-    # the scipy modules the analysis imports lazily are imported here, outside the
-    # timing, as the peer's are (importing weightwatcher loads scipy before its t0)
-    import scipy.linalg.blas  # noqa: F401
-    import scipy.optimize  # noqa: F401
-    import scipy.special  # noqa: F401
-    import scipy.stats  # noqa: F401
 
     t0 = time.perf_counter()
     res = analyze(netanatomy.load(path), mp_fit=full, randomize=full, workers=workers, keep_spectra=False)

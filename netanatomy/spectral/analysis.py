@@ -24,10 +24,24 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..analysis import AnalysisResult, LayerwiseAnalysis, Progress, register_analysis, run_layer_safely
+from ..analysis import (
+    AnalysisResult,
+    LayerwiseAnalysis,
+    Progress,
+    register_analysis,
+    run_layer_safely,
+)
 from ..errors import LayerError, UserError
 from ..model import CONV_KINDS, Layer, LayerKind, Model
-from .esd import Spectrum, choose_precision, entry_variance, layer_matrices, resolution_floor, shuffled, spectrum_of
+from .esd import (
+    Spectrum,
+    choose_precision,
+    entry_variance,
+    layer_matrices,
+    resolution_floor,
+    shuffled,
+    spectrum_of,
+)
 from .metrics import mp_fit, norm_metrics, randomization_metrics
 from .powerlaw import PowerLawFit, compare_tail, fit_power_law
 
@@ -257,10 +271,10 @@ class SpectralAnalysis(LayerwiseAnalysis):
         threads = torch.get_num_threads()
         blas_limit = _blas_threads(1 if workers > 1 else threads)
         # import the fit's scipy modules once here, not under the GIL in every worker
-        import scipy.linalg.blas  # noqa: F401
-        import scipy.optimize  # noqa: F401
-        import scipy.special  # noqa: F401
-        import scipy.stats  # noqa: F401
+        import scipy.linalg.blas
+        import scipy.optimize
+        import scipy.special
+        import scipy.stats
         try:
             blas_limit.__enter__()
             if workers > 1:
