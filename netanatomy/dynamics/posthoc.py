@@ -89,50 +89,45 @@ def curves_from_checkpoints(
     include_1d: bool = False,
 ) -> WidthRecord:
     """The width record of a run from its per-epoch checkpoints."""
+    from ..io import load
+
     ckpts = list_checkpoints(folder)
     first_epoch = ckpts[0][0]
+    opts = dict(layers=layers, similarity_epochs=similarity_epochs, include_1d=include_1d, record_init=False)
     if module is not None:
-        from ..io import load
 
         def state(path: Path) -> dict:
             m = load(path, key=key)
             return {k: m.layers[0].store.get(k) for k in m.layers[0].store.keys()}
 
-        module.load_state_dict(state(ckpts[0][1]), strict=False)
-        tr = WidthTracker(
-            module, layers=layers, similarity_epochs=similarity_epochs, include_1d=include_1d, record_init=False
-        )
-        if not tr.enabled:
-            raise UserError(f"{folder}: could not track the model ({tr.disabled_reason})")
-        tr.epoch = first_epoch
-        tr._record("init")
-        for epoch, path in ckpts[1:]:
-            sd = state(path)
+        def advance(path: Path) -> None:
             with torch.no_grad():
-                module.load_state_dict(sd, strict=False)
-            tr.epoch = epoch
-            tr.global_step = epoch
-            tr._record("epoch")
-        rec = tr.record()
-        tr.close()
-    else:
-        from ..io import load
+                module.load_state_dict(state(path), strict=False)
 
-        first = load(ckpts[0][1], key=key)
-        tr = _StoreTracker(
-            first, layers=layers, similarity_epochs=similarity_epochs, include_1d=include_1d, record_init=False
-        )
-        if not tr.enabled:
-            raise UserError(f"{folder}: could not track the checkpoints ({tr.disabled_reason})")
-        tr.epoch = first_epoch
-        tr._record("init")
-        for epoch, path in ckpts[1:]:
-            m = load(path, key=key)
-            tr.set_store(m.layers[0].store)
-            tr.epoch = epoch
-            tr.global_step = epoch
-            tr._record("epoch")
-        rec = tr.record()
+        advance(ckpts[0][1])
+        tr = WidthTracker(module, **opts)
+        what = "model"
+    else:
+        tr = _StoreTracker(load(ckpts[0][1], key=key), **opts)
+
+        def advance(path: Path) -> None:
+            tr.set_store(load(path, key=key).layers[0].store)
+
+        what = "checkpoints"
+    if not tr.enabled:
+        if module is not None:
+            tr.close()
+        raise UserError(f"{folder}: could not track the {what} ({tr.disabled_reason})")
+    tr.epoch = first_epoch
+    tr._record("init")
+    for epoch, path in ckpts[1:]:
+        advance(path)
+        tr.epoch = epoch
+        tr.global_step = epoch
+        tr._record("epoch")
+    rec = tr.record()
+    if module is not None:
+        tr.close()
     rec.meta["source"] = str(folder)
     rec.meta["checkpoints"] = [p.name for _, p in ckpts]
     return rec
