@@ -93,7 +93,7 @@ def curves_from_checkpoints(
 
     ckpts = list_checkpoints(folder)
     first_epoch = ckpts[0][0]
-    opts = dict(layers=layers, similarity_epochs=similarity_epochs, include_1d=include_1d, record_init=False)
+    opts = {"layers": layers, "similarity_epochs": similarity_epochs, "include_1d": include_1d, "record_init": False}
     if module is not None:
 
         def state(path: Path) -> dict:
