@@ -5,6 +5,7 @@ recalibration. Outputs are safetensors files written atomically with a SHA-256.
 
 from .average import AverageResult, average, ema, ema_weights
 from .bn import recalibrate_bn
+from .chain import Chain, infer_chain, spec_from_state
 from .evaluate import CommandEvaluator
 from .interpolate import InterpolationCurve, interpolate, loss_barrier, plot_interpolation
 from .permute import (
@@ -23,6 +24,7 @@ from .writer import SafetensorsWriter, WrittenFile, content_hash, save_tensors, 
 __all__ = [
     "AlignResult",
     "AverageResult",
+    "Chain",
     "CommandEvaluator",
     "InterpolationCurve",
     "PermutationSpec",
@@ -37,6 +39,7 @@ __all__ = [
     "ema",
     "ema_weights",
     "greedy_soup",
+    "infer_chain",
     "interpolate",
     "loss_barrier",
     "open_source",
@@ -45,6 +48,7 @@ __all__ = [
     "recalibrate_bn",
     "save_tensors",
     "spec_from_module",
+    "spec_from_state",
     "stored_hash",
     "uniform_soup",
     "weight_matching",

@@ -1,4 +1,4 @@
-"""Commands: ``netanatomy average``, ``netanatomy soup``, ``netanatomy interpolate``."""
+"""Commands: ``netanatomy average``, ``soup``, ``interpolate``, ``align``."""
 
 from __future__ import annotations
 
@@ -52,6 +52,17 @@ def _print_written(res, json_out: bool) -> None:
     notes = res.notes if hasattr(res, "notes") else res.average.notes
     for note in notes:
         console.print(f"note: {note}", markup=False)
+
+
+def _same_keys_and_shapes(a, b) -> None:
+    ka, kb = set(a.keys()), set(b.keys())
+    if ka != kb:
+        only = sorted(ka - kb) or sorted(kb - ka)
+        side = "A" if ka - kb else "B"
+        raise UserError(f"model {side} alone has {len(only)} tensor(s), e.g. {only[0]!r}: A and B must hold the same tensors")
+    for k in a.keys():
+        if tuple(a.shape(k)) != tuple(b.shape(k)):
+            raise UserError(f"{k!r} has shape {list(a.shape(k))} in model A and {list(b.shape(k))} in model B")
 
 
 def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
@@ -158,9 +169,71 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
             atomic_write_text(out, dumps({"curve": curve.to_records(), "barrier": barrier, "higher_is_better": higher_is_better}, indent=1) + "\n")
             console.print(f"wrote {out}", markup=False)
 
+    @app.command("align")
+    def align_cmd(
+        model_a: str = typer.Argument(..., help="Reference model A (safetensors or PyTorch state dict)."),
+        model_b: str = typer.Argument(..., help="Model B, whose hidden units are permuted to match A."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors: B with its hidden units permuted (same function as B)."),
+        average_out: Optional[Path] = typer.Option(None, "--average", help="Also write the midpoint (A + aligned B) / 2 here (.safetensors)."),
+        max_sweeps: int = typer.Option(100, "--max-sweeps", help="At most this many sweeps of weight matching over the layers."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the order in which layers are matched."),
+        key: Optional[str] = typer.Option(None, "--key", help="Entry of nested PyTorch checkpoints to read (e.g. model, ema)."),
+        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+    ) -> None:
+        """Permute B's hidden units to match A by weight matching (Git Re-Basin). The architecture is inferred from the weights as a plain chain of conv/linear layers with norms; residual connections, attention, grouped convs and anything ambiguous are refused."""
+        from .average import average
+        from .chain import infer_chain
+        from .permute import align
+        from .sources import open_source
+        from .writer import save_tensors
+
+        _check_out(out, [model_a, model_b])
+        if average_out is not None:
+            _check_out(average_out, [model_a, model_b])
+            if average_out.expanduser().resolve() == out.expanduser().resolve():
+                raise UserError("--average and --out name the same file")
+        if max_sweeps < 1:
+            raise UserError("--max-sweeps must be at least 1")
+        ra, rb = open_source(model_a, key=key), open_source(model_b, key=key)
+        _same_keys_and_shapes(ra, rb)
+        chain, spec = infer_chain(ra)
+        res = align(ra, rb, spec, max_sweeps=max_sweeps, seed=seed)
+        meta = {"netanatomy": "align", "reference": Path(model_a).name, "aligned": Path(model_b).name}
+        written = save_tensors(out, res.aligned, meta)
+        mid = None
+        if average_out is not None:
+            mid = average([ra, res.aligned], average_out).written
+        summary = res.summary()
+        summary.update({"chain": chain.describe(), "order_from": chain.order, "out": str(written.path),
+                        "sha256": written.file_sha256, "content_sha256": written.content_sha256})
+        summary.pop("fixed_spaces", None)
+        if mid is not None:
+            summary.update({"average": str(mid.path), "average_sha256": mid.file_sha256})
+        if json_out:
+            from .._util import dumps
+
+            sys.stdout.write(dumps(summary, indent=1) + "\n")
+            return
+        console = _console()
+        console.print(f"chain ({chain.order}): {chain.describe()}", markup=False)
+        console.print(
+            f"{summary['permutations']} permutations, {summary['units_moved']}/{summary['units']} units moved, {summary['sweeps']} sweeps",
+            markup=False,
+        )
+        console.print(f"matching objective (sum of <A, B>): {res.objective_before:.6g} -> {res.objective_after:.6g}", markup=False)
+        console.print(f"L2 distance A-B: {res.distance_before:.6g} -> {res.distance_after:.6g}", markup=False)
+        console.print(f"wrote {written.path} ({written.num_tensors} tensors)", markup=False)
+        console.print(f"sha256 {written.file_sha256}  {written.path.name}", markup=False)
+        if mid is not None:
+            console.print(f"wrote {mid.path} (midpoint of A and aligned B)", markup=False)
+            console.print(f"sha256 {mid.file_sha256}  {mid.path.name}", markup=False)
+
     @experiment_app.command("synthesis")
     def experiment_cmd(
-        config: str = typer.Option("full", "--config", help="full (the reported run, ~25 min on one core) or quick (smoke test)."),
+        config: str = typer.Option(
+            "full", "--config",
+            help="full (soups from a weak start + barriers, ~25 min on one core), soups (soups from a strong pre-trained start, ~25 min), quick / soups-quick (smoke tests).",
+        ),
         out: Path = typer.Option(Path("results"), "--out", help="Folder for synthesis.md, synthesis.json and the figure."),
     ) -> None:
         """Fashion-MNIST: greedy and uniform soups vs the best member; interpolation barriers before/after alignment, with and without BN recalibration."""
@@ -176,14 +249,23 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         out.mkdir(parents=True, exist_ok=True)
         stem = "synthesis" if config == "full" else f"synthesis_{config}"
         figure = None
-        try:
-            fig = plot_curves(res)
-            figure = f"{stem}_interpolation.png"
-            fig.savefig(out / figure, dpi=110)
-        except ImportError:
-            console.print("note: matplotlib not installed; no figure", markup=False)
+        if "_curves" in res:
+            try:
+                fig = plot_curves(res)
+                figure = f"{stem}_interpolation.png"
+                fig.savefig(out / figure, dpi=110)
+            except ImportError:
+                console.print("note: matplotlib not installed; no figure", markup=False)
+        earlier = None
+        if config != "full" and (out / "synthesis.json").is_file():
+            import json
+
+            try:
+                earlier = json.loads((out / "synthesis.json").read_text())
+            except ValueError:
+                earlier = None
         command = "netanatomy experiment synthesis" + ("" if config == "full" else f" --config {config}") + f" --out {out}"
         doc = {k: v for k, v in res.items() if not k.startswith("_")}
         atomic_write_text(out / f"{stem}.json", dumps(doc, indent=1) + "\n")
-        atomic_write_text(out / f"{stem}.md", render_markdown(res, command, figure))
+        atomic_write_text(out / f"{stem}.md", render_markdown(res, command, figure, earlier))
         console.print(f"wrote {out / (stem + '.md')}", markup=False)

@@ -53,6 +53,8 @@ class Member:
     lr: float
     seed: int
     augment: bool
+    label_smoothing: float = 0.0
+    samples: int | None = None  # fine-tuning samples (None: ``Config.member_samples``)
 
 
 @dataclass
@@ -80,10 +82,44 @@ class Config:
     curve_points: int = 11
     bn_samples: int = 1000  # training images used to recalibrate batch norm
     batch: int = 128
+    soups: bool = True  # run part 1
+    barriers: bool = True  # run part 2
+    # part 1 data: False = start and members both train on the whole training pool;
+    # True = the start pre-trains on one half, members fine-tune on the other half
+    split_pretrain: bool = False
+    greedy_bn: bool = False  # also a greedy soup whose candidates are scored after BN recalibration
+
+
+def _soup_members() -> list[Member]:
+    """A sweep of small fine-tuning learning rates (the start was trained at 0.05),
+    augmentation, label smoothing, seeds and lengths (6k or 12k samples)."""
+    grid = [
+        (0.003, False, 0.0, 12000),
+        (0.01, False, 0.0, 12000),
+        (0.001, False, 0.1, 12000),
+        (0.003, True, 0.0, 12000),
+        (0.01, True, 0.1, 12000),
+        (0.003, False, 0.1, 6000),
+        (0.01, True, 0.0, 6000),
+        (0.001, True, 0.0, 12000),
+        (0.003, True, 0.1, 6000),
+        (0.01, False, 0.1, 6000),
+    ]
+    return [Member(lr, i + 1, aug, ls, n) for i, (lr, aug, ls, n) in enumerate(grid)]
 
 
 CONFIGS = {
     "full": Config(),
+    # soups from a strong start: pre-trained to convergence on one half of the
+    # training pool, members fine-tuned on the other half with small learning rates
+    "soups": Config(
+        base_samples=150000, members=_soup_members(), barriers=False, split_pretrain=True, greedy_bn=True,
+    ),
+    "soups-quick": Config(
+        val_size=500, base_samples=1024, member_samples=256,
+        members=[Member(0.003, 1, False), Member(0.01, 2, True, 0.1), Member(0.001, 3, False, 0.1, 512)],
+        test_size=500, bn_samples=256, barriers=False, split_pretrain=True, greedy_bn=True,
+    ),
     "quick": Config(
         val_size=500, base_samples=1024, member_samples=512,
         members=[Member(0.01, 1, False), Member(0.03, 2, True), Member(0.3, 3, True)],
@@ -99,8 +135,11 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
 
 
-def train(model: nn.Module, x, y, samples: int, lr: float, seed: int, augment: bool, batch: int) -> nn.Module:
-    """SGD with momentum, cosine learning rate, over ``samples`` drawn without replacement."""
+def train(
+    model: nn.Module, x, y, samples: int, lr: float, seed: int, augment: bool, batch: int, label_smoothing: float = 0.0
+) -> nn.Module:
+    """SGD with momentum, cosine learning rate, over ``samples`` drawn without replacement
+    (epoch after epoch when ``samples`` exceeds the data)."""
     g = torch.Generator().manual_seed(seed)
     steps = max(1, samples // batch)
     order = torch.cat([torch.randperm(len(x), generator=g) for _ in range(samples // len(x) + 1)])[: steps * batch]
@@ -113,7 +152,7 @@ def train(model: nn.Module, x, y, samples: int, lr: float, seed: int, augment: b
         if augment:
             xb = _augment(xb, g)
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(xb), y[idx]).backward()
+        F.cross_entropy(model(xb), y[idx], label_smoothing=label_smoothing).backward()
         opt.step()
         sched.step()
     model.eval()
@@ -148,9 +187,6 @@ def make_evaluator(template: nn.Module, x, y, bn_batches=None):
 
 def run(config: str | Config = "full", log=None) -> dict:
     from ..datasets import fashion_mnist, normalize_images
-    from .interpolate import interpolate
-    from .permute import align, spec_from_module
-    from .soup import greedy_soup, uniform_soup
 
     cfg = CONFIGS[config] if isinstance(config, str) else config
     say = log or (lambda msg: None)
@@ -161,63 +197,130 @@ def run(config: str | Config = "full", log=None) -> dict:
     xtr, xte = normalize_images(xtr), normalize_images(xte)
     perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))
     val_idx, tr_idx = perm[: cfg.val_size], perm[cfg.val_size :]
-    xval, yval, xtr, ytr = xtr[val_idx], ytr[val_idx], xtr[tr_idx], ytr[tr_idx]
-    xtest, ytest = xte[: cfg.test_size], yte[: cfg.test_size]
-    xcurve, ycurve = xte[: cfg.curve_size], yte[: cfg.curve_size]
-    bn_batches = [xtr[i : i + 250] for i in range(0, cfg.bn_samples, 250)]
-    out: dict = {"config": {k: v for k, v in asdict(cfg).items()}}
+    data = {
+        "val": (xtr[val_idx], ytr[val_idx]),
+        "train": (xtr[tr_idx], ytr[tr_idx]),
+        "test": (xte[: cfg.test_size], yte[: cfg.test_size]),
+        "curve": (xte[: cfg.curve_size], yte[: cfg.curve_size]),
+    }
+    xpool = data["train"][0]
+    data["bn"] = [xpool[i : i + 250] for i in range(0, cfg.bn_samples, 250)]
+    out: dict = {"config": {k: v for k, v in asdict(cfg).items()}, "config_name": config if isinstance(config, str) else None}
+    clock = lambda: f"({time.perf_counter() - t_start:.0f} s)"  # noqa: E731
+    if cfg.soups:
+        out.update(_soups(cfg, data, lambda m: say(f"{m} {clock()}")))
+    if cfg.barriers:
+        out.update(_barriers(cfg, data, lambda m: say(f"{m} {clock()}")))
+    out["seconds"] = time.perf_counter() - t_start
+    return out
 
-    # ---- part 1: soups -------------------------------------------------------
+
+def _soups(cfg: Config, data: dict, say) -> dict:
+    """Part 1: members fine-tuned from one start; uniform / greedy soups vs the best member."""
+    from .soup import greedy_soup, uniform_soup
+
+    xtr, ytr = data["train"]
+    if cfg.split_pretrain:
+        half = len(xtr) // 2
+        (xpre, ypre), (xft, yft) = (xtr[:half], ytr[:half]), (xtr[half:], ytr[half:])
+    else:
+        (xpre, ypre), (xft, yft) = (xtr, ytr), (xtr, ytr)
     torch.manual_seed(0)
-    base = train(SmallCNN(cfg.widths), xtr, ytr, cfg.base_samples, cfg.base_lr, 0, False, cfg.batch)
-    say(f"base trained ({time.perf_counter() - t_start:.0f} s)")
+    base = train(SmallCNN(cfg.widths), xpre, ypre, cfg.base_samples, cfg.base_lr, 0, False, cfg.batch)
+    say("start trained")
     template = SmallCNN(cfg.widths)
-    val_ev = make_evaluator(template, xval, yval)
-    test_ev = make_evaluator(template, xtest, ytest)
-    test_ev_bn = make_evaluator(template, xtest, ytest, bn_batches)
+    bn = data["bn"]
+    val_ev = make_evaluator(template, *data["val"])
+    val_ev_bn = make_evaluator(template, *data["val"], bn)
+    test_ev = make_evaluator(template, *data["test"])
+    test_ev_bn = make_evaluator(template, *data["test"], bn)
+    out: dict = {"data": {"pretrain_samples_available": len(xpre), "finetune_samples_available": len(xft)}}
     members, rows = [], []
     for i, m in enumerate(cfg.members):
-        net = train(copy.deepcopy(base), xtr, ytr, cfg.member_samples, m.lr, m.seed, m.augment, cfg.batch)
+        n = m.samples or cfg.member_samples
+        net = train(copy.deepcopy(base), xft, yft, n, m.lr, m.seed, m.augment, cfg.batch, m.label_smoothing)
         sd = {k: v.clone() for k, v in net.state_dict().items()}
         members.append(sd)
-        rows.append({"member": f"member {i}", **asdict(m), "val_acc": val_ev(sd)["acc"], **{f"test_{k}": v for k, v in test_ev(sd).items()}})
-        say(f"member {i} {asdict(m)}: val acc {rows[-1]['val_acc']:.4f} ({time.perf_counter() - t_start:.0f} s)")
-    out["base"] = {"val_acc": val_ev(base.state_dict())["acc"], **{f"test_{k}": v for k, v in test_ev(base.state_dict()).items()}}
+        row = {"member": f"member {i}", **asdict(m), "samples": n, "val_acc": val_ev(sd)["acc"]}
+        row.update({f"test_{k}": v for k, v in test_ev(sd).items()})
+        rows.append(row)
+        say(f"member {i} lr {m.lr} aug {m.augment} ls {m.label_smoothing} n {n}: val acc {row['val_acc']:.4f}")
+    base_sd = base.state_dict()
+    out["base"] = {"val_acc": val_ev(base_sd)["acc"], **{f"test_{k}": v for k, v in test_ev(base_sd).items()}}
     out["members"] = rows
-    greedy = greedy_soup(members, val_ev, metric="acc", member_scores={i: r["val_acc"] for i, r in enumerate(rows)})
+    scores = {i: r["val_acc"] for i, r in enumerate(rows)}
+    greedy = greedy_soup(members, val_ev, metric="acc", member_scores=scores)
     uniform = uniform_soup(members, evaluate=val_ev, metric="acc")
     best = max(range(len(rows)), key=lambda i: rows[i]["val_acc"])
+    candidates = [("best member", members[best]), ("uniform soup", uniform.tensors), ("greedy soup", greedy.tensors)]
+    if cfg.greedy_bn:
+        bn_scores = {i: val_ev_bn(sd)["acc"] for i, sd in enumerate(members)}
+        greedy_bn = greedy_soup(members, val_ev_bn, metric="acc", member_scores=bn_scores)
+        candidates.append(("greedy soup, BN recalibrated while choosing", greedy_bn.tensors))
+        out["greedy_bn_ingredients"] = greedy_bn.ingredients
+        out["greedy_bn_steps"] = greedy_bn.steps
     soups = {}
-    for name, sd in (("best member", members[best]), ("uniform soup", uniform.tensors), ("greedy soup", greedy.tensors)):
+    for name, sd in candidates:
+        t, tb = test_ev(sd), test_ev_bn(sd)
         soups[name] = {
             "val_acc": val_ev(sd)["acc"],
-            "test_acc": test_ev(sd)["acc"],
-            "test_acc_bn_recal": test_ev_bn(sd)["acc"],
-            "test_loss": test_ev(sd)["loss"],
+            "val_acc_bn_recal": val_ev_bn(sd)["acc"],
+            "test_acc": t["acc"],
+            "test_acc_bn_recal": tb["acc"],
+            "test_loss": t["loss"],
+            "test_loss_bn_recal": tb["loss"],
         }
     out["soups"] = soups
     out["greedy_steps"] = greedy.steps
     out["greedy_ingredients"] = greedy.ingredients
     out["best_member"] = rows[best]["member"]
-    say(f"soups done ({time.perf_counter() - t_start:.0f} s)")
+    out["member_spread"] = _spread(base_sd, members)
+    say("soups done")
+    return out
 
-    # ---- part 2: barriers ------------------------------------------------------
+
+def _spread(base: dict, members: list[dict]) -> dict:
+    """How far the members moved from the start and from each other (float weights, L2)."""
+    keys = [k for k in base if base[k].is_floating_point() and "running" not in k]
+
+    def dist(a, b):
+        return float(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in keys)) ** 0.5
+
+    to_start = [dist(base, m) for m in members]
+    pair = [dist(members[i], members[j]) for i in range(len(members)) for j in range(i + 1, len(members))]
+    return {
+        "start_norm": dist(base, {k: torch.zeros_like(base[k]) for k in keys}),
+        "to_start_mean": sum(to_start) / len(to_start),
+        "to_start_max": max(to_start),
+        "pairwise_mean": sum(pair) / len(pair) if pair else 0.0,
+    }
+
+
+def _barriers(cfg: Config, data: dict, say) -> dict:
+    """Part 2: interpolation barriers between two independently trained nets, before/after alignment."""
+    from .interpolate import interpolate
+    from .permute import align, spec_from_module
+
+    xtr, ytr = data["train"]
+    template = SmallCNN(cfg.widths)
+    bn = data["bn"]
+    out: dict = {}
     nets = []
     for seed in cfg.scratch_seeds:
         torch.manual_seed(seed)
         nets.append(train(SmallCNN(cfg.widths), xtr, ytr, cfg.scratch_samples, cfg.scratch_lr, seed, False, cfg.batch))
-        say(f"scratch net seed {seed} trained ({time.perf_counter() - t_start:.0f} s)")
+        say(f"scratch net seed {seed} trained")
     a, b = (n.state_dict() for n in nets)
     al = align(a, b, spec_from_module(template))
     out["alignment"] = al.summary()
-    curve_ev = make_evaluator(template, xcurve, ycurve)
-    curve_ev_bn = make_evaluator(template, xcurve, ycurve, bn_batches)
+    curve_ev = make_evaluator(template, *data["curve"])
+    curve_ev_bn = make_evaluator(template, *data["curve"], bn)
     curves = {}
     for label, other in (("naive", b), ("aligned", al.aligned)):
         for bn_label, ev in (("", curve_ev), (" + BN recalibration", curve_ev_bn)):
             c = interpolate(a, other, ev, cfg.curve_points, label=label + bn_label)
             curves[c.label] = c
-            say(f"curve {c.label}: loss barrier {c.barrier('loss'):.4f} ({time.perf_counter() - t_start:.0f} s)")
+            say(f"curve {c.label}: loss barrier {c.barrier('loss'):.4f}")
     out["endpoints"] = {"A": curve_ev(a), "B": curve_ev(b), "B aligned": curve_ev(al.aligned)}
     out["curves"] = {
         k: {
@@ -230,40 +333,128 @@ def run(config: str | Config = "full", log=None) -> dict:
         for k, c in curves.items()
     }
     out["_curves"] = curves
-    out["seconds"] = time.perf_counter() - t_start
     return out
 
 
-def render_markdown(res: dict, command: str, figure: str | None) -> str:
+def _f(v, fmt=".4f") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def render_markdown(res: dict, command: str, figure: str | None, earlier: dict | None = None) -> str:
+    """The results file. ``earlier``: a previous run's JSON, quoted as an earlier data point."""
     cfg = res["config"]
-    L = ["# Synthesis of weights on Fashion-MNIST: soups and alignment barriers", ""]
+    parts = (["soups"] if cfg.get("soups", True) else []) + (["alignment barriers"] if cfg.get("barriers", True) else [])
+    L = [f"# Synthesis of weights on Fashion-MNIST: {' and '.join(parts)}", ""]
     L.append(f"Regenerate: `{command}` (one thread; {res['seconds'] / 60:.1f} min wall time on a shared 2-core machine, "
              "so timings are noisy). Numbers below are from that run.")
     L += ["", f"Model: SmallCNN widths {tuple(cfg['widths'])} (conv-BN-ReLU-pool x2, conv-BN-ReLU, global average pool, linear). "
           f"Held-out split: {cfg['val_size']} training images set aside (used by the greedy soup); test: "
-          f"the first {cfg['test_size']} Fashion-MNIST test images (soups), the first {cfg['curve_size']} (interpolation curves). "
-          f"BN recalibration uses {cfg['bn_samples']} training images.", ""]
-    L += ["## 1. Soups of members fine-tuned from one start", ""]
-    L.append(f"Shared start: trained from scratch on {cfg['base_samples']} samples (lr {cfg['base_lr']}); "
-             f"val acc {res['base']['val_acc']:.4f}, test acc {res['base']['test_acc']:.4f}. "
-             f"Each member: {cfg['member_samples']} samples of fine-tuning (SGD momentum 0.9, cosine schedule).")
-    L += ["", "| member | lr | seed | augment | held-out acc | test acc |", "|---|---|---|---|---|---|"]
-    for r in res["members"]:
-        L.append(f"| {r['member']} | {r['lr']} | {r['seed']} | {'yes' if r['augment'] else 'no'} | {r['val_acc']:.4f} | {r['test_acc']:.4f} |")
-    L += ["", "| model | held-out acc | test acc | test acc, BN recalibrated | test loss |", "|---|---|---|---|---|"]
+          f"the first {cfg['test_size']} Fashion-MNIST test images" + (" (soups)" if "curves" in res else "")
+          + (f", the first {cfg['curve_size']} (interpolation curves)" if "curves" in res else "")
+          + f". BN recalibration uses {cfg['bn_samples']} training images.", ""]
+    if "soups" in res:
+        L += _render_soups(res, earlier)
+    if "curves" in res:
+        L += _render_barriers(res, figure)
+    L += ["## Reading", ""]
+    if "soups" in res:
+        L += _read_soups(res) + [""]
+    if "curves" in res:
+        L += _read_barriers(res) + [""]
+    L += ["Single run, single seed" + (" pair" if "curves" in res else "") + ": no error bars."]
+    return "\n".join(L) + "\n"
+
+
+def _soup_table(res: dict) -> list[str]:
+    L = ["| model | held-out acc | held-out acc, BN recalibrated | test acc | test acc, BN recalibrated | test loss | test loss, BN recalibrated |",
+         "|---|---|---|---|---|---|---|"]
     for name, s in res["soups"].items():
         label = f"{name} ({res['best_member']})" if name == "best member" else name
-        L.append(f"| {label} | {s['val_acc']:.4f} | {s['test_acc']:.4f} | {s['test_acc_bn_recal']:.4f} | {s['test_loss']:.4f} |")
-    g, u, bm = res["soups"]["greedy soup"], res["soups"]["uniform soup"], res["soups"]["best member"]
-    L += ["", f"Greedy soup ingredients (in order added): {', '.join(res['greedy_ingredients'])}.", ""]
-    L += ["| step | candidate | candidate alone (held-out) | soup with it (held-out) | added |", "|---|---|---|---|---|"]
-    for s in res["greedy_steps"]:
+        L.append(f"| {label} | {_f(s.get('val_acc'))} | {_f(s.get('val_acc_bn_recal'))} | {_f(s.get('test_acc'))} | "
+                 f"{_f(s.get('test_acc_bn_recal'))} | {_f(s.get('test_loss'))} | {_f(s.get('test_loss_bn_recal'))} |")
+    return L
+
+
+def _steps_table(steps: list[dict]) -> list[str]:
+    L = ["| step | candidate | candidate alone (held-out) | soup with it (held-out) | added |", "|---|---|---|---|---|"]
+    for s in steps:
         L.append(f"| {s['step']} | {s['candidate']} | {s['candidate_score']:.4f} | {s['soup_score']:.4f} | {'yes' if s['accepted'] else 'no'} |")
+    return L
+
+
+def _render_soups(res: dict, earlier: dict | None) -> list[str]:
+    cfg = res["config"]
+    L = ["## 1. Soups of members fine-tuned from one start", ""]
+    data = res.get("data", {})
+    if cfg.get("split_pretrain"):
+        where = (f"pre-trained on one half of the training pool ({data.get('pretrain_samples_available')} images), "
+                 f"{cfg['base_samples']} samples (about {cfg['base_samples'] / max(1, data.get('pretrain_samples_available', 1)):.1f} epochs)")
+        ft = (f"Members are fine-tuned on the other half ({data.get('finetune_samples_available')} images, never seen by the start): "
+              "SGD momentum 0.9, weight decay 5e-4, cosine schedule, a sweep of small learning rates "
+              f"(the start used {cfg['base_lr']}), augmentation (random flip + shift), label smoothing, seed and length.")
+    else:
+        where = f"trained from scratch on {cfg['base_samples']} samples"
+        ft = f"Each member: {cfg['member_samples']} samples of fine-tuning (SGD momentum 0.9, cosine schedule)."
+    L.append(f"Shared start: {where} (lr {cfg['base_lr']}); held-out acc {res['base']['val_acc']:.4f}, "
+             f"test acc {res['base']['test_acc']:.4f}. {ft}")
+    L += ["", "| member | lr | seed | augment | label smoothing | samples | held-out acc | test acc |", "|---|---|---|---|---|---|---|---|"]
+    for r in res["members"]:
+        L.append(f"| {r['member']} | {r['lr']} | {r['seed']} | {'yes' if r['augment'] else 'no'} | {r.get('label_smoothing', 0.0)} | "
+                 f"{r.get('samples', cfg['member_samples'])} | {r['val_acc']:.4f} | {r['test_acc']:.4f} |")
+    sp = res.get("member_spread")
+    if sp:
+        L += ["", f"Weight distances (L2 over parameters): start norm {sp['start_norm']:.2f}; members moved "
+              f"{sp['to_start_mean']:.2f} from the start on average (max {sp['to_start_max']:.2f}); mean distance between two "
+              f"members {sp['pairwise_mean']:.2f}."]
+    L += [""] + _soup_table(res)
+    L += ["", f"Greedy soup ingredients (in order added): {', '.join(res['greedy_ingredients'])}.", ""]
+    L += _steps_table(res["greedy_steps"])
+    if "greedy_bn_steps" in res:
+        L += ["", "Greedy soup with BN recalibration while choosing (each member and candidate soup scored on the held-out "
+              f"split after recomputing its BN statistics): ingredients {', '.join(res['greedy_bn_ingredients'])}.", ""]
+        L += _steps_table(res["greedy_bn_steps"])
+    g, u, bm = res["soups"]["greedy soup"], res["soups"]["uniform soup"], res["soups"]["best member"]
     L += ["", "Outcome: greedy soup held-out acc "
           f"{g['val_acc']:.4f} vs best member {bm['val_acc']:.4f} ({'>=' if g['val_acc'] >= bm['val_acc'] else '<'}, as it must be by construction); "
           f"test acc {g['test_acc']:.4f} vs {bm['test_acc']:.4f} ({g['test_acc'] - bm['test_acc']:+.4f}). "
           f"Uniform soup: held-out {u['val_acc']:.4f}, test {u['test_acc']:.4f} ({u['test_acc'] - bm['test_acc']:+.4f} vs best member).", ""]
-    L += ["## 2. Interpolation barrier between independently trained networks", ""]
+    if earlier and "soups" in earlier:
+        ecfg = earlier.get("config", {})
+        L += ["### Earlier data point: a weak start", "",
+              f"The previous run (`netanatomy experiment synthesis --out results`, kept in `synthesis.md`): start trained from "
+              f"scratch on {ecfg.get('base_samples')} samples at lr {ecfg.get('base_lr')} (test acc "
+              f"{earlier['base']['test_acc']:.4f}), {len(earlier['members'])} members fine-tuned on the same data with lr "
+              f"{', '.join(str(r['lr']) for r in earlier['members'])}.", ""]
+        L += _soup_table(earlier)
+        L += ["", f"Greedy soup ingredients then: {', '.join(earlier.get('greedy_ingredients', []))}.", ""]
+    return L
+
+
+def _read_soups(res: dict) -> list[str]:
+    g, u, bm = res["soups"]["greedy soup"], res["soups"]["uniform soup"], res["soups"]["best member"]
+    n_in, n = len(res["greedy_ingredients"]), len(res["members"])
+    L = []
+    if g["val_acc"] > bm["val_acc"]:
+        L.append(f"The greedy soup took {n_in} of {n} members and beat the best member on the held-out split by "
+                 f"{g['val_acc'] - bm['val_acc']:+.4f} and on the test set by {g['test_acc'] - bm['test_acc']:+.4f} "
+                 f"(with BN recalibration: {g['test_acc_bn_recal'] - bm['test_acc_bn_recal']:+.4f}).")
+    elif n_in == 1:
+        L.append("The greedy soup kept only the best member: adding any other member lowered held-out accuracy, so "
+                 "'greedy soup >= best member' holds here only as an equality.")
+    else:
+        L.append(f"The greedy soup took {n_in} of {n} members and tied the best member on the held-out split "
+                 f"(test: {g['test_acc'] - bm['test_acc']:+.4f}).")
+    L.append(f"The uniform soup of all {n} members is {u['test_acc'] - bm['test_acc']:+.4f} vs the best member on the test set "
+             f"({u['val_acc'] - bm['val_acc']:+.4f} held-out; with BN recalibration {u['test_acc_bn_recal'] - bm['test_acc_bn_recal']:+.4f} test).")
+    if res["config"].get("split_pretrain"):
+        L.append(f"The start scored {res['base']['test_acc']:.4f} on the test set; the best member "
+                 f"{bm['test_acc']:.4f} ({bm['test_acc'] - res['base']['test_acc']:+.4f} from fine-tuning on data the start had not seen).")
+    return [" ".join(L)]
+
+
+def _render_barriers(res: dict, figure: str | None) -> list[str]:
+    cfg = res["config"]
+    L = ["## 2. Interpolation barrier between independently trained networks", ""]
     al = res["alignment"]
     L.append(f"Two nets trained from scratch with seeds {tuple(cfg['scratch_seeds'])} on {cfg['scratch_samples']} samples each "
              f"(lr {cfg['scratch_lr']}). Weight matching ({al['permutations']} permutations, {al['units_moved']}/{al['units']} units moved, "
@@ -283,31 +474,22 @@ def render_markdown(res: dict, command: str, figure: str | None) -> str:
           f"and from {nbb:.4f} to {abb:.4f} with it.", ""]
     if figure:
         L += [f"![interpolation curves]({figure})", ""]
-    L += ["## Reading", ""]
-    if g["val_acc"] > bm["val_acc"]:
-        L.append(f"The greedy soup beat the best member on the held-out split by {g['val_acc'] - bm['val_acc']:+.4f} "
-                 f"and on the test set by {g['test_acc'] - bm['test_acc']:+.4f}.")
-    else:
-        L.append("The greedy soup kept only the best member: adding any other member lowered held-out accuracy, so "
-                 "'greedy soup >= best member' holds here only as an equality, and the uniform soup is worse than the "
-                 "best member. This run does not reproduce the soup gain of Wortsman et al., whose members are fine-tuned "
-                 "from a strong pre-trained model. Here the shared start is a briefly trained small CNN "
-                 f"(test acc {res['base']['test_acc']:.4f}), so fine-tuning with these learning rates may move members "
-                 "to different parts of the basin; that explanation is a hypothesis this run did not test (a longer-trained "
-                 "start and smaller learning rates would be the next run).")
-        L.append("")
+    return L
+
+
+def _read_barriers(res: dict) -> list[str]:
+    c = res["curves"]
+    nb, ab = c["naive"]["loss_barrier"], c["aligned"]["loss_barrier"]
+    nbb, abb = c["naive + BN recalibration"]["loss_barrier"], c["aligned + BN recalibration"]["loss_barrier"]
     if abb < nbb and ab < nb:
-        L.append(f"Weight matching lowered the interpolation barrier between the two independently trained networks: "
-                 f"test loss barrier {nb:.3f} -> {ab:.3f} (accuracy barrier {c['naive']['acc_barrier']:.3f} -> "
-                 f"{c['aligned']['acc_barrier']:.3f}); with batch-norm statistics recomputed at every point of the path "
-                 f"{nbb:.3f} -> {abb:.3f} (accuracy barrier {c['naive + BN recalibration']['acc_barrier']:.3f} -> "
-                 f"{c['aligned + BN recalibration']['acc_barrier']:.3f}). On the aligned path, recomputing the batch-norm "
-                 f"statistics removed most of what alignment left ({ab:.3f} -> {abb:.3f}).")
-    else:
-        L.append(f"Alignment did not lower both barriers in this run (loss barrier {nb:.3f} -> {ab:.3f} without BN "
-                 f"recalibration, {nbb:.3f} -> {abb:.3f} with it).")
-    L += ["", "Single run, single seed pair: no error bars."]
-    return "\n".join(L) + "\n"
+        return [f"Weight matching lowered the interpolation barrier between the two independently trained networks: "
+                f"test loss barrier {nb:.3f} -> {ab:.3f} (accuracy barrier {c['naive']['acc_barrier']:.3f} -> "
+                f"{c['aligned']['acc_barrier']:.3f}); with batch-norm statistics recomputed at every point of the path "
+                f"{nbb:.3f} -> {abb:.3f} (accuracy barrier {c['naive + BN recalibration']['acc_barrier']:.3f} -> "
+                f"{c['aligned + BN recalibration']['acc_barrier']:.3f}). On the aligned path, recomputing the batch-norm "
+                f"statistics removed most of what alignment left ({ab:.3f} -> {abb:.3f})."]
+    return [f"Alignment did not lower both barriers in this run (loss barrier {nb:.3f} -> {ab:.3f} without BN "
+            f"recalibration, {nbb:.3f} -> {abb:.3f} with it)."]
 
 
 def plot_curves(res: dict, ax=None):

@@ -457,16 +457,38 @@ def weight_matching(
 def align(
     reference: Mapping[str, torch.Tensor] | nn.Module | str,
     other: Mapping[str, torch.Tensor] | nn.Module | str,
-    spec: PermutationSpec | nn.Module,
+    spec: PermutationSpec | nn.Module | None = None,
     **kw,
 ) -> AlignResult:
-    """Align ``other`` to ``reference`` by weight matching; ``spec`` is a
-    :class:`PermutationSpec` or a module of the architecture (traced with fx)."""
+    """Align ``other`` to ``reference`` by weight matching.
+
+    ``spec`` is a :class:`PermutationSpec`, a module of the architecture (traced
+    with fx), a :class:`netanatomy.Model` loaded from a module, or None: then
+    the spec is inferred from ``reference``'s weights as a plain sequential
+    chain (:mod:`netanatomy.synthesis.chain`), and anything that cannot be told
+    apart from a chain is refused with a :class:`UserError`.
+    """
     from .sources import open_source
 
+    ra, rb = open_source(reference, "model A"), open_source(other, "model B")
+    if spec is None and isinstance(reference, nn.Module):
+        spec = reference
+    elif spec is None and isinstance(other, nn.Module):
+        spec = other
+    if spec is not None and not isinstance(spec, (PermutationSpec, nn.Module)):
+        module = getattr(spec, "module", None)  # a netanatomy Model
+        if isinstance(module, nn.Module):
+            spec = module
+        elif hasattr(spec, "layers"):
+            spec = None  # a Model read from a file: its weights are what the chain inference reads
+        else:
+            raise UserError(f"spec must be a PermutationSpec, an nn.Module or None, not {type(spec).__name__}")
     if isinstance(spec, nn.Module):
         spec = spec_from_module(spec)
-    ra, rb = open_source(reference, "model A"), open_source(other, "model B")
+    elif spec is None:
+        from .chain import infer_chain
+
+        spec = infer_chain(ra)[1]
     a = {k: ra.get(k) for k in ra.keys()}
     b = {k: rb.get(k) for k in rb.keys()}
     if not spec.sizes:
