@@ -220,3 +220,34 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     code, _, err = run(["align", grouped, grouped, "--out", out], capsys)
     assert_one_line_error(code, err, "grouped")
     assert not out.exists()
+
+
+def test_experiment_smoke_both_parts_and_markdown():
+    pytest.importorskip("scipy")
+    from netanatomy.datasets import fashion_mnist_dir
+    from netanatomy.synthesis.experiment import Config, Member, render_markdown, run
+
+    if not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST not installed")
+    threads = torch.get_num_threads()
+    try:
+        cfg = Config(
+            widths=(4, 8, 8), val_size=200, base_samples=256, member_samples=128, test_size=200, curve_size=100, curve_points=3,
+            bn_samples=250, scratch_samples=256, split_pretrain=True, greedy_bn=True,
+            members=[Member(0.003, 1, False), Member(0.01, 2, True, 0.1, 256)],
+        )
+        res = run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    s = res["soups"]
+    assert s["greedy soup"]["val_acc"] >= s["best member"]["val_acc"]
+    assert {"val_acc_bn_recal", "test_acc_bn_recal"} <= set(s["uniform soup"])
+    assert "greedy soup, BN recalibrated while choosing" in s
+    assert res["members"][1]["samples"] == 256 and res["members"][0]["samples"] == 128
+    earlier = {k: v for k, v in res.items() if not k.startswith("_")}
+    md = render_markdown(res, "cmd", None, earlier)
+    assert "Earlier data point" in md and "## 2. Interpolation barrier" in md
+    soups_only = {k: v for k, v in res.items() if k not in ("curves", "_curves", "alignment", "endpoints")}
+    soups_only["config"] = dict(res["config"], barriers=False)
+    md = render_markdown(soups_only, "cmd", None)
+    assert "## 2." not in md and "## 1. Soups" in md
