@@ -8,13 +8,21 @@ positions) by ``2*in`` features. NMF with ``k`` components, ``X ~ A @ B`` with
 per position ``k`` loadings: with ``k = 3`` they are the RGB picture of the
 neuron.
 
-Every neuron is an independent problem; here all neurons of a layer are
-solved at once as one batch of tensors ``(N, S, F)`` in torch (on the GPU when
-one is available), instead of one scikit-learn fit per neuron. The solver is
-HALS (hierarchical alternating least squares: exact coordinate descent, one
-component at a time, on the Frobenius loss - the same updates scikit-learn's
-``solver="cd"`` makes) started from NNDSVDa (scikit-learn's default start),
-computed from batched eigendecompositions of the small S x S Gram matrices.
+Every neuron is an independent problem; here the neurons of a layer are solved
+as batches of tensors ``(n, S, F)`` in torch (the whole layer at once on a GPU;
+on the CPU in chunks of a few MB so that each chunk's sweeps read X from cache,
+not from main memory). The solver is HALS (hierarchical alternating least
+squares: exact coordinate descent, one component at a time, on the Frobenius
+loss - the updates scikit-learn's ``solver="cd"`` makes), with several passes
+over B per product ``A^T X`` (accelerated HALS, Gillis & Glineur 2012: the
+extra passes use only the small products), started from NNDSVDa
+(scikit-learn's default start). The leading singular vectors NNDSVDa needs come
+from a batched randomized range finder (one power iteration) with an exact
+Rayleigh-Ritz step on a small ``r x r`` matrix, or from the exact small Gram
+matrix when ``min(S, F)`` is small. Each neuron stops on its own when its error
+no longer decreases (relative tolerance ``tol``); stopped neurons leave the
+batch, so a neuron's result does not depend on which other neurons share its
+batch.
 """
 
 from __future__ import annotations
@@ -24,6 +32,10 @@ from dataclasses import dataclass
 import torch
 
 EPS = 1e-12
+_OVERSAMPLE = 5  # extra random directions in the range finder
+_POWER_ITERS = 1  # power iterations of the range finder
+_SEED = 0  # fixed: the factorisation of a given input is deterministic
+_DEFAULT_CHUNK_BYTES = 4 << 20  # CPU: X of one chunk stays in the last-level cache
 
 
 def posneg(weight: torch.Tensor) -> torch.Tensor:
@@ -32,7 +44,7 @@ def posneg(weight: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"posneg expects (out, in, kh, kw) kernels, got shape {tuple(weight.shape)}")
     n, c, kh, kw = weight.shape
     xt = torch.cat([weight.clamp(min=0), weight.neg().clamp_(min=0)], dim=1).reshape(n, 2 * c, kh * kw)
-    return xt.transpose(1, 2)  # a view; nmf_batched makes the layouts it needs
+    return xt.transpose(1, 2)  # a view; the solver makes the layout it needs
 
 
 @dataclass
@@ -41,148 +53,65 @@ class NMFResult:
 
     A: ``(N, S, k)`` spatial loadings (the picture), B: ``(N, k, F)`` channel
     factors with unit-norm rows (so A carries the magnitudes), err: ``(N,)``
-    Frobenius reconstruction error per neuron, iterations: sweeps made.
+    Frobenius reconstruction error per neuron, iterations: the most sweeps any
+    neuron made (``sweeps`` has the count per neuron).
     """
 
     A: torch.Tensor
     B: torch.Tensor
     err: torch.Tensor
     iterations: int
+    sweeps: torch.Tensor | None = None
 
     @property
     def mean_error(self) -> float:
         return float(self.err.mean())
 
 
-class _Dense:
-    """Products with a batch of dense non-negative matrices ``X`` (N, S, F); keeps
-    both layouts so that every batched product reads contiguous memory."""
-
-    def __init__(self, X: torch.Tensor):
-        self.Xt = X.transpose(1, 2).contiguous()  # (N,F,S)
-        self.X = self.Xt.transpose(1, 2).contiguous()  # (N,S,F)
-        self.f = X.shape[2]
-
-    def mean(self) -> torch.Tensor:
-        return self.X.mean(dim=(1, 2), keepdim=True)
-
-    def dense(self) -> torch.Tensor:
-        return self.X
-
-    def left(self, At: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``At @ X``: (N,k,S) -> (N,k,F)."""
-        return torch.bmm(At, self.X, out=out)
-
-    def right(self, B: torch.Tensor) -> torch.Tensor:
-        """``B @ X^T``: (N,k,F) -> (N,k,S)."""
-        return B @ self.Xt
-
-    def gram(self) -> torch.Tensor:
-        return self.X @ self.Xt
-
-
-class _PosNeg:
-    """Products with ``X = [relu(W)^T, relu(-W)^T]`` (N, S, 2C) without building X.
-
-    With ``P = relu(W)`` and ``relu(-W) = P - W`` (W per neuron ``(C, S)``, the
-    canonical kernel layout), every product splits into two half-width products
-    with ``P`` and ``W`` (and their transposes): the same memory traffic per
-    sweep as with X, but only ``P`` and two transposes are built up front
-    instead of the concatenated matrix in both layouts.
-    """
-
-    def __init__(self, w: torch.Tensor):
-        self.C = w.shape[1]
-        self.f = 2 * self.C
-        self.W = w  # (N,C,S), the kernels as they are
-        self.WT = w.transpose(1, 2).contiguous()  # (N,S,C)
-        self.P = w.clamp(min=0)
-        self.PT = self.WT.clamp(min=0)
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def mean(self) -> torch.Tensor:
-        n, c, s = self.W.shape
-        return (torch.linalg.vector_norm(self.W, ord=1, dim=(1, 2)) / max(1, 2 * c * s)).view(n, 1, 1)
-
-    def dense(self) -> torch.Tensor:
-        return torch.cat([self.PT, self.PT - self.WT], dim=2)
-
-    def _buf(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """Work buffers reused across sweeps (fresh large allocations cost page faults)."""
-        buf = self._bufs.get(name)
-        if buf is None or buf.shape != shape:
-            buf = self._bufs[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return buf
-
-    def left(self, At: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``At @ X = [a, a - At @ W^T]`` with ``a = At @ P^T``: (N,k,S) -> (N,k,2C)."""
-        n, k, c = At.shape[0], At.shape[1], self.C
-        a = torch.bmm(At, self.PT, out=self._buf("a", (n, k, c), At))
-        b = torch.baddbmm(a, At, self.WT, alpha=-1, out=self._buf("b", (n, k, c), At))
-        if out is None:
-            return torch.cat([a, b], dim=2)
-        out[:, :, :c] = a
-        out[:, :, c:] = b
-        return out
-
-    def right(self, B: torch.Tensor) -> torch.Tensor:
-        """``B @ X^T = (Bp + Bn) @ P - Bn @ W``: (N,k,2C) -> (N,k,S)."""
-        n, k, c = B.shape[0], B.shape[1], self.C
-        Bn = B[:, :, c:]
-        bs = torch.add(B[:, :, :c], Bn, out=self._buf("bs", (n, k, c), B))
-        r = torch.bmm(bs, self.P)
-        return torch.baddbmm(r, Bn, self.W, alpha=-1)
-
-    def gram(self) -> torch.Tensor:
-        # X X^T = P^T P + (P - W)^T (P - W) = 2 P^T P - P^T W - W^T P + W^T W
-        pw = self.PT @ self.W
-        return 2 * (self.PT @ self.P) - pw - pw.transpose(1, 2) + self.WT @ self.W
+# -- start: NNDSVDa ------------------------------------------------------------
 
 
 def nndsvda_init(X: torch.Tensor, k: int, G: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """NNDSVD start (Boutsidis & Gallopoulos) with zeros filled by the mean of X, batched.
-    ``G = X X^T`` may be passed when already computed."""
-    U, S, Vh = _top_svd(X, k, G)
+    ``G = X X^T`` may be passed when already computed (then the SVD is exact)."""
+    if G is not None:
+        U, S = _top_eig(G, k)
+        Vh = (U.transpose(1, 2) @ X) / (S[:, :, None] + EPS)
+    else:
+        U, S, Vh = _top_svd(X, k)
     return _nndsvda_from_svd(U, S, Vh, X.mean(dim=(1, 2), keepdim=True), k)
 
 
 def _nndsvda_from_svd(
     U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, avg: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    X = Vh
+    """NNDSVDa from the leading singular triplets ``U (n,S,r), S (n,r), Vh (n,r,F)``
+    (all components at once; component 0 from absolute values, each later one
+    from the positive or the negative part of its singular vectors, whichever
+    carries more; zeros and missing components filled with the mean ``avg``)."""
     n, s, f = U.shape[0], U.shape[1], Vh.shape[2]
-    r = S.shape[1]
-    A = torch.zeros(n, s, k, dtype=X.dtype, device=X.device)
-    B = torch.zeros(n, k, f, dtype=X.dtype, device=X.device)
-    A[:, :, 0] = S[:, 0, None].sqrt() * U[:, :, 0].abs()
-    B[:, 0, :] = S[:, 0, None].sqrt() * Vh[:, 0, :].abs()
-    for j in range(1, r):
-        x, y = U[:, :, j], Vh[:, j, :]
-        xp, xn, yp, yn = x.clamp(min=0), (-x).clamp(min=0), y.clamp(min=0), (-y).clamp(min=0)
-        nxp, nxn = xp.norm(dim=1), xn.norm(dim=1)
-        nyp, nyn = yp.norm(dim=1), yn.norm(dim=1)
-        mp, mn = nxp * nyp, nxn * nyn
-        use_p = (mp > mn)[:, None]
-        u = torch.where(use_p, xp / (nxp[:, None] + EPS), xn / (nxn[:, None] + EPS))
-        v = torch.where(use_p, yp / (nyp[:, None] + EPS), yn / (nyn[:, None] + EPS))
-        lbd = (S[:, j] * torch.where(use_p[:, 0], mp, mn)).sqrt()[:, None]
-        A[:, :, j] = lbd * u
-        B[:, j, :] = lbd * v
+    r = min(S.shape[1], k)
+    U, S, Vh = U[:, :, :r], S[:, :r], Vh[:, :r, :]
+    up, un = U.clamp(min=0), U.clamp(max=0).neg_()  # (n,S,r)
+    vp, vn = Vh.clamp(min=0), Vh.clamp(max=0).neg_()  # (n,r,F)
+    nup, nun = up.norm(dim=1), un.norm(dim=1)  # (n,r)
+    nvp, nvn = vp.norm(dim=2), vn.norm(dim=2)
+    mp, mn = nup * nvp, nun * nvn
+    use_p = mp > mn
+    lbd = (S * torch.where(use_p, mp, mn)).sqrt()  # (n,r)
+    ca = lbd / torch.where(use_p, nup, nun).add_(EPS)
+    cb = lbd / torch.where(use_p, nvp, nvn).add_(EPS)
+    A = torch.where(use_p[:, None, :], up, un).mul_(ca[:, None, :])
+    B = torch.where(use_p[:, :, None], vp, vn).mul_(cb[:, :, None])
+    s0 = S[:, :1].sqrt()  # (n,1)
+    A[:, :, 0] = U[:, :, 0].abs() * s0
+    B[:, 0, :] = Vh[:, 0, :].abs() * s0
+    if r < k:  # fewer singular directions than components (tiny S or F)
+        A = torch.cat([A, A.new_zeros(n, s, k - r)], dim=2)
+        B = torch.cat([B, B.new_zeros(n, k - r, f)], dim=1)
     A = torch.where(A < EPS, avg.expand_as(A), A)
     B = torch.where(B < EPS, avg.expand_as(B), B)
     return A, B
-
-
-def _top_svd(X: torch.Tensor, k: int, G: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Leading ``k`` singular triplets of each short-and-wide ``X[n]`` from the small
-    Gram matrix ``X X^T`` (S x S); much cheaper than a full SVD when S << F."""
-    s, f = X.shape[1], X.shape[2]
-    if s > f:  # tall: work on the transpose
-        U, S, Vh = _top_svd(X.transpose(1, 2), k)
-        return Vh.transpose(1, 2), S, U.transpose(1, 2)
-    U, S = _top_eig(X @ X.transpose(1, 2) if G is None else G, k)
-    Vh = (U.transpose(1, 2) @ X) / (S[:, :, None] + EPS)
-    return U, S, Vh
 
 
 def _top_eig(G: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,57 +124,258 @@ def _top_eig(G: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return U, evals.sqrt().to(G.dtype)
 
 
-def _sq_error(XX: torch.Tensor, A: torch.Tensor, B: torch.Tensor, AtX: torch.Tensor) -> torch.Tensor:
-    """||X - AB||^2 per neuron from small products (never forms AB)."""
-    AtA = A.transpose(1, 2) @ A
-    BBt = B @ B.transpose(1, 2)
-    cross = (AtX * B).sum(dim=(1, 2))
-    quad = (AtA * BBt).sum(dim=(1, 2))
+def _omega(f: int, r: int, like: torch.Tensor) -> torch.Tensor:
+    """The range finder's test matrix ``(r, F)``: Gaussian, fixed seed (deterministic)."""
+    g = torch.Generator().manual_seed(_SEED)
+    return torch.randn(r, f, generator=g, dtype=torch.float32).to(dtype=like.dtype, device=like.device)
+
+
+def _top_svd(X: torch.Tensor, k: int, omega: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Leading ``k`` singular triplets ``U (n,S,k), S (n,k), Vh (n,k,F)`` of each ``X[n]``.
+
+    When ``min(S, F)`` is at most ``k + oversampling`` the small Gram matrix of
+    the short side is decomposed exactly. Otherwise (``S, F`` both larger) a
+    randomized range finder (Halko, Martinsson & Tropp 2011) with one power
+    iteration gives an ``r``-dimensional basis ``Q`` of the column space, and
+    the exact SVD of ``Q^T X`` (from its ``r x r`` Gram) gives the triplets:
+    four thin products with X instead of the ``S x S`` Gram matrix and an
+    ``S x S`` eigendecomposition per neuron (both slow for many small matrices).
+    """
+    n, s, f = X.shape
+    r = k + _OVERSAMPLE
+    if f < s and f <= r:  # short-and-tall: exact from the F x F Gram
+        U, S, Vh = _top_svd_gram(X.transpose(1, 2), k)
+        return Vh.transpose(1, 2), S, U.transpose(1, 2)
+    if s <= r:
+        return _top_svd_gram(X, k)
+    if f < s:  # tall and wide enough: range finder on the transpose
+        U, S, Vh = _top_svd(X.transpose(1, 2), k, omega)
+        return Vh.transpose(1, 2), S, U.transpose(1, 2)
+    om = omega if omega is not None and omega.shape == (r, f) else _omega(f, r, X)  # (r, F)
+    Xt = X.transpose(1, 2)
+    Y = torch.matmul(om, Xt).transpose(1, 2)  # X @ om^T: (n,S,r)
+    for _ in range(_POWER_ITERS):
+        Q = torch.linalg.qr(Y).Q
+        Z = torch.bmm(Q.transpose(1, 2), X)  # (n,r,F)
+        Y = torch.bmm(Z, Xt).transpose(1, 2)  # X X^T Q
+    Q = torch.linalg.qr(Y).Q  # (n,S,r)
+    Bs = torch.bmm(Q.transpose(1, 2), X)  # (n,r,F)
+    evals, evecs = torch.linalg.eigh(torch.bmm(Bs, Bs.transpose(1, 2)).double())
+    evals = evals.flip(-1)[:, :k].clamp(min=0)
+    V = evecs.flip(-1)[:, :, :k].to(X.dtype)  # (n,r,k)
+    S = evals.sqrt().to(X.dtype)
+    U = torch.bmm(Q, V)
+    Vh = torch.bmm(V.transpose(1, 2), Bs) / (S[:, :, None] + EPS)
+    return U, S, Vh
+
+
+def _top_svd_gram(X: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact leading triplets from the ``S x S`` Gram matrix (for small S)."""
+    U, S = _top_eig(torch.bmm(X, X.transpose(1, 2)), k)
+    Vh = torch.bmm(U.transpose(1, 2), X) / (S[:, :, None] + EPS)
+    return U, S, Vh
+
+
+# -- the solver ----------------------------------------------------------------
+
+
+def _sq_error(
+    XX: torch.Tensor, A: torch.Tensor, B: torch.Tensor, AtX: torch.Tensor, AtA: torch.Tensor | None = None
+) -> torch.Tensor:
+    """||X - AB||^2 per neuron (float64) from small products, never forming AB:
+    ``||X||^2 - 2 <A^T X, B> + <A^T A, B B^T>``."""
+    if AtA is None:
+        AtA = torch.bmm(A.transpose(1, 2), A)
+    BBt = torch.bmm(B, B.transpose(1, 2))
+    cross = torch.linalg.vecdot(AtX.flatten(1), B.flatten(1)).double()
+    quad = torch.linalg.vecdot(AtA.flatten(1), BBt.flatten(1)).double()
     return (XX - 2 * cross + quad).clamp(min=0)
 
 
-def nmf_batched(
-    X: torch.Tensor,
-    k: int = 3,
-    max_iter: int = 200,
-    tol: float = 1e-3,
-    check_every: int = 5,
-    inner_b: int = 2,
-    inner_a: int = 3,
-    check_input: bool = True,
-    chunk_bytes: int = 0,
-) -> NMFResult:
-    """Factorise each ``X[n]`` (``(N, S, F)``, non-negative) as ``A[n] @ B[n]``.
+def _check_args(k: int, max_iter: int, tol: float, check_every: int, inner_b: int, inner_a: int) -> None:
+    if k < 1 or max_iter < 0 or tol < 0 or check_every < 1 or inner_b < 1 or inner_a < 1:
+        raise ValueError(
+            "nmf: need k >= 1, max_iter >= 0, tol >= 0, check_every >= 1, inner_b >= 1, inner_a >= 1; got "
+            f"k={k}, max_iter={max_iter}, tol={tol}, check_every={check_every}, inner_b={inner_b}, inner_a={inner_a}"
+        )
 
-    Neurons are processed in chunks of about ``chunk_bytes`` of input on the CPU
-    (so that every sweep runs in cache, not from main memory; 0 = one chunk),
-    all at once on a GPU. See :func:`_nmf_chunk` for the solver.
+
+class _Batch:
+    """A batch of neurons being solved: their rows of X, factors and progress.
+
+    ``idx`` maps batch rows to neurons, ``its`` counts each neuron's sweeps,
+    ``prev`` is each neuron's squared error at its last check (``inf`` before
+    the first), ``alive`` marks rows not yet finished (finished rows may stay
+    in the batch for a while and are dropped at the next compaction).
+    All rows are at the same sweep count modulo ``check_every`` (``phase``).
     """
-    if X.dim() != 3:
-        raise ValueError(f"expected a batch of matrices (N, S, F), got {tuple(X.shape)}")
-    if check_input and bool((X < 0).any()):
-        raise ValueError("NMF needs non-negative input")
-    n = X.shape[0]
-    per = max(1, X.shape[1] * X.shape[2] * X.element_size())
-    step = max(1, n) if (chunk_bytes <= 0 or X.device.type != "cpu") else max(1, chunk_bytes // per)
-    args = (k, max_iter, tol, check_every, inner_b, inner_a)
-    parts = [_nmf_chunk(_Dense(X[i : i + step]), *args) for i in range(0, max(n, 1), step)]
-    return _join(parts)
+
+    def __init__(self, idx, X, XX, thr, A, B, prev, its, phase=0):
+        self.idx, self.X, self.XX, self.thr, self.A, self.B = idx, X, XX, thr, A, B
+        self.prev, self.its, self.phase = prev, its, phase
+        self.alive = torch.ones(idx.shape[0], dtype=torch.bool, device=idx.device)
+        self.n_alive = idx.shape[0]
+        self.checked = False  # paused right after a check: do not check again on resuming
+
+    def compact(self) -> None:
+        if self.n_alive == self.idx.shape[0]:
+            return
+        keep = self.alive.nonzero().squeeze(1)
+        for a in ("idx", "X", "XX", "thr", "A", "B", "prev", "its", "alive"):
+            setattr(self, a, getattr(self, a).index_select(0, keep))
+
+    @staticmethod
+    def merge(parts: list[_Batch]) -> _Batch:
+        if len(parts) == 1:
+            return parts[0]
+        f = [torch.cat([getattr(p, a) for p in parts]) for a in ("idx", "X", "XX", "thr", "A", "B", "prev", "its")]
+        merged = _Batch(*f, phase=0)
+        merged.checked = True
+        return merged
 
 
-def _join(parts: list[NMFResult]) -> NMFResult:
-    if len(parts) == 1:
-        return parts[0]
-    return NMFResult(
-        A=torch.cat([p.A for p in parts]),
-        B=torch.cat([p.B for p in parts]),
-        err=torch.cat([p.err for p in parts]),
-        iterations=max(p.iterations for p in parts),
-    )
+class _Out:
+    """Where finished neurons' factors go."""
+
+    def __init__(self, n: int, s: int, f: int, k: int, dtype: torch.dtype, device: torch.device):
+        self.A = torch.zeros(n, s, k, dtype=dtype, device=device)
+        self.B = torch.zeros(n, k, f, dtype=dtype, device=device)
+        self.err2 = torch.zeros(n, dtype=torch.float64, device=device)
+        self.sweeps = torch.zeros(n, dtype=torch.long, device=device)
+
+    def result(self) -> NMFResult:
+        # Unit-norm rows of B; the scale moves into A so the pictures carry magnitude.
+        norms = self.B.norm(dim=2)  # (N,k)
+        B = self.B / (norms[:, :, None] + EPS)
+        A = self.A * norms[:, None, :]
+        sw = self.sweeps
+        return NMFResult(A=A, B=B, err=self.err2.sqrt().to(A.dtype), iterations=int(sw.max()) if sw.numel() else 0, sweeps=sw)
 
 
-def _nmf_chunk(
-    op: _Dense | _PosNeg,
+def _start(
+    X: torch.Tensor, idx: torch.Tensor, k: int, tol: float, check_every: int, omega: torch.Tensor | None
+) -> _Batch:
+    """NNDSVDa start of a batch ``X (n, S, F)`` (dense, non-negative) of neurons ``idx``."""
+    n, s, f = X.shape
+    XX = torch.linalg.vector_norm(X, dim=(1, 2)).double().square()  # (n,)
+    if not bool(torch.isfinite(XX).all()):
+        raise ValueError("NMF needs finite input (NaN or Inf found)")
+    U, S, Vh = _top_svd(X, k, omega)
+    avg = (X.sum(dim=(1, 2)) / max(1, s * f)).view(n, 1, 1)
+    A, B = _nndsvda_from_svd(U, S, Vh, avg, k)
+    prev = torch.full((n,), float("inf"), dtype=torch.float64, device=X.device)
+    its = torch.zeros(n, dtype=torch.long, device=X.device)
+    return _Batch(idx, X, XX, tol * check_every * XX, A, B, prev, its)
+
+
+def _run(
+    b: _Batch, out: _Out, max_iter: int, check_every: int, inner_b: int, inner_a: int, pause_below: int = 0
+) -> _Batch | None:
+    """HALS sweeps on a batch until every neuron is done (returns None) or, when
+    ``pause_below > 0``, until fewer than ``pause_below`` neurons are left
+    (returns the compacted batch, to be merged with other batches' stragglers).
+
+    One sweep: ``inner_b`` passes over the rows of B per product ``A^T X``, then
+    ``inner_a`` passes over the columns of A per product ``X B^T``. Every
+    ``check_every`` sweeps each neuron's squared error (from the products the
+    next sweep needs anyway) is compared with its value at the previous check;
+    a neuron whose error fell by less than ``tol * check_every * ||X||^2``, or
+    that has made ``max_iter`` sweeps, is done: its factors are stored in
+    ``out`` and it leaves the batch. Each neuron's trajectory depends on its
+    own data only, never on the other rows of the batch.
+    """
+    k = b.A.shape[2]
+    it_hi = int(b.its.max())
+    while True:
+        A, B, X = b.A, b.B, b.X
+        # AtX is the expensive product; all B passes of this sweep reuse it (accelerated HALS).
+        At = A.transpose(1, 2)
+        AtA = torch.bmm(At, A)  # (n,k,k)
+        AtX = torch.bmm(At, X)  # (n,k,F)
+        if b.checked:
+            b.checked = False
+        elif b.phase == 0 or it_hi >= max_iter:
+            e = _sq_error(b.XX, A, B, AtX, AtA)
+            done = b.its >= max_iter
+            if b.phase == 0:  # the tolerance test only at a neuron's own checks
+                done |= (b.prev - e) <= b.thr
+                b.prev = e
+            new = (done & b.alive).nonzero().squeeze(1)
+            n_new = new.shape[0]
+            if n_new:
+                d = b.idx.index_select(0, new)
+                out.A.index_copy_(0, d, A.index_select(0, new))
+                out.B.index_copy_(0, d, B.index_select(0, new))
+                out.err2.index_copy_(0, d, e.index_select(0, new))
+                out.sweeps.index_copy_(0, d, b.its.index_select(0, new))
+                b.alive &= ~done
+                b.n_alive -= n_new
+                if b.n_alive == 0:
+                    return None
+            n_rows = b.idx.shape[0]
+            if pause_below and b.phase == 0 and b.n_alive < pause_below:
+                b.compact()
+                b.checked = True
+                return b
+            if n_rows - b.n_alive >= max(1, n_rows // 4):
+                keep = b.alive.nonzero().squeeze(1)
+                b.compact()
+                A, B, X = b.A, b.B, b.X
+                AtA, AtX = AtA.index_select(0, keep), AtX.index_select(0, keep)
+        b.its += 1
+        it_hi += 1
+        b.phase = (b.phase + 1) % check_every
+        # Row j: B_j <- max(0, (AtX_j - sum_{i != j} AtA_ji B_i) / AtA_jj), written in place.
+        dA = AtA.diagonal(dim1=1, dim2=2).clamp(min=EPS)  # (n,k)
+        cA = (AtA / dA[:, :, None]).unsqueeze(-1)  # row j scaled by 1/AtA_jj; (n,k,k,1)
+        AtX.div_(dA[:, :, None])
+        _hals_rows(B, AtX, cA, inner_b)
+        # A given B: the subproblem is tiny (S x k), so several passes are cheap.
+        BBt = torch.bmm(B, B.transpose(1, 2))  # (n,k,k)
+        BXt = torch.bmm(B, X.transpose(1, 2))  # (n,k,S) = (X B^T)^T
+        dB = BBt.diagonal(dim1=1, dim2=2).clamp(min=EPS)
+        cB = (BBt / dB[:, :, None]).unsqueeze(-1)
+        BXt.div_(dB[:, :, None])
+        At = A.transpose(1, 2).contiguous()  # rows of A^T are A's columns
+        _hals_rows(At, BXt, cB, inner_a)
+        b.A = At.transpose(1, 2)
+
+
+def _hals_rows(M: torch.Tensor, G: torch.Tensor, c: torch.Tensor, passes: int) -> None:
+    """In place: ``passes`` rounds of exact coordinate minimisation over the rows
+    of ``M`` (n,k,L) for ``min ||X - . M||`` given the scaled products
+    ``G = (cross product) / diag`` (n,k,L) and ``c = Gram / diag`` (n,k,k,1)."""
+    k = M.shape[1]
+    rows, g, cr = M.unbind(1), G.unbind(1), c.unbind(1)
+    for _ in range(passes):
+        for j in range(k):
+            row, cj = rows[j], cr[j]
+            others = [i for i in range(k) if i != j]
+            if others:
+                i0 = others[0]
+                torch.addcmul(g[j], cj[:, i0], rows[i0], value=-1, out=row)
+                for i in others[1:]:
+                    row.addcmul_(cj[:, i], rows[i], value=-1)
+            else:
+                row.copy_(g[j])
+            row.clamp_(min=0)
+
+
+def _chunk_size(n: int, per_neuron_bytes: int, device: torch.device, chunk_bytes: int | None) -> int:
+    if chunk_bytes is None:
+        chunk_bytes = _DEFAULT_CHUNK_BYTES if device.type == "cpu" else 0
+    if chunk_bytes <= 0:
+        return max(1, n)
+    return max(1, min(max(1, n), chunk_bytes // max(1, per_neuron_bytes)))
+
+
+def _drive(
+    n: int,
+    s: int,
+    f: int,
+    chunk_x,
+    step: int,
+    like: torch.Tensor,
     k: int,
     max_iter: int,
     tol: float,
@@ -253,71 +383,61 @@ def _nmf_chunk(
     inner_b: int,
     inner_a: int,
 ) -> NMFResult:
-    """HALS sweeps (B rows, then A columns) from NNDSVDa, stopping when the mean
-    relative decrease of the error over ``check_every`` sweeps falls below
-    ``tol`` or after ``max_iter`` sweeps. Works in X's dtype and device; X is
-    only touched through ``op`` (two products per sweep).
-    """
-    G = op.gram()  # (N,S,S)
-    n, s = G.shape[0], G.shape[1]
-    f = op.f
+    """Solve ``n`` neurons in chunks of ``step``: ``chunk_x(i, j)`` gives the
+    dense ``(j - i, S, F)`` posneg matrices of neurons ``i..j-1`` (it may reuse
+    one buffer; rows that outlive their chunk are copied). A chunk runs until
+    fewer than a quarter of its neurons are left; those stragglers are pooled
+    with other chunks' stragglers and solved together, so that a few slow
+    neurons do not cost many small sweeps."""
+    out = _Out(n, s, f, k, like.dtype, like.device)
     if n == 0:
-        z = G.new_zeros
-        return NMFResult(z(0, s, k), z(0, k, f), z(0), 0)
-    XX = G.diagonal(dim1=1, dim2=2).sum(-1)  # ||X||^2 per neuron
-    if s <= f:
-        U, S = _top_eig(G, k)
-        Vh = op.left(U.transpose(1, 2)) / (S[:, :, None] + EPS)
-        A, B = _nndsvda_from_svd(U, S, Vh, op.mean(), k)
-    else:
-        A, B = nndsvda_init(op.dense(), k)
-    prev = None
-    it = 0
-    AtX_buf = torch.empty(n, k, f, dtype=B.dtype, device=B.device)
-    for it in range(1, max_iter + 1):
-        # B given A: HALS passes over the rows (each an exact coordinate minimisation).
-        # AtX is the expensive product; extra passes reuse it (accelerated HALS).
-        At = A.transpose(1, 2)
-        AtA = At @ A  # (N,k,k)
-        AtX = op.left(At, out=AtX_buf)  # (N,k,F)
-        if it > 1 and (it - 1) % check_every == 0:  # error of the previous sweep, from products we have
-            err = _sq_error(XX, A, B, AtX).mean()
-            if prev is not None and (prev - err) / (XX.mean() + EPS) < tol * check_every:
-                it -= 1  # this sweep was not made
-                break
-            prev = err
-        # Row j: B_j <- max(0, (AtX_j - sum_{i != j} AtA_ji B_i) / AtA_jj), written in place
-        # as a few fused element-wise passes (no batched products of tiny matrices).
-        dA = AtA.diagonal(dim1=1, dim2=2).clamp(min=EPS)  # (N,k)
-        cA = AtA / dA[:, :, None]  # row j scaled by 1/AtA_jj
-        AtX.div_(dA[:, :, None])
-        for _ in range(inner_b):
-            for j in range(k):
-                row = B[:, j, :]
-                row.copy_(AtX[:, j, :])
-                for i in range(k):
-                    if i != j:
-                        row.addcmul_(cA[:, j, i, None], B[:, i, :], value=-1)
-                row.clamp_(min=0)
-        # A given B: the subproblem is tiny (S x k), so many passes are cheap.
-        BBt = B @ B.transpose(1, 2)  # (N,k,k)
-        XBt = op.right(B).transpose(1, 2)  # (N,S,k)
-        dB = BBt.diagonal(dim1=1, dim2=2).clamp(min=EPS)
-        cB = BBt / dB[:, :, None]
-        XBt = XBt / dB[:, None, :]
-        for _ in range(inner_a):
-            for j in range(k):
-                col = XBt[:, :, j].clone()
-                for i in range(k):
-                    if i != j:
-                        col.addcmul_(cB[:, j, i, None], A[:, :, i], value=-1)
-                A[:, :, j] = col.clamp_(min=0)
-    # Unit-norm rows of B; the scale moves into A so the pictures carry magnitude.
-    norms = B.norm(dim=2)  # (N,k)
-    B = B / (norms[:, :, None] + EPS)
-    A = A * norms[:, None, :]
-    err = _sq_error(XX, A, B, op.left(A.transpose(1, 2))).sqrt()
-    return NMFResult(A=A, B=B, err=err, iterations=it)
+        return out.result()
+    om = _omega(max(s, f), k + _OVERSAMPLE, like) if min(s, f) > k + _OVERSAMPLE else None
+    pause = max(1, step // 4) if step < n else 0
+    pool: list[_Batch] = []
+    for i in range(0, n, step):
+        j = min(n, i + step)
+        idx = torch.arange(i, j, device=like.device)
+        b = _start(chunk_x(i, j), idx, k, tol, check_every, om)
+        rest = _run(b, out, max_iter, check_every, inner_b, inner_a, pause)
+        if rest is not None:
+            pool.append(rest)
+        if sum(p.n_alive for p in pool) >= step and j < n:
+            rest = _run(_Batch.merge(pool), out, max_iter, check_every, inner_b, inner_a, pause)
+            pool = [rest] if rest is not None else []
+    if pool:
+        _run(_Batch.merge(pool), out, max_iter, check_every, inner_b, inner_a, 0)
+    return out.result()
+
+
+def nmf_batched(
+    X: torch.Tensor,
+    k: int = 3,
+    max_iter: int = 200,
+    tol: float = 1e-3,
+    check_every: int = 2,
+    inner_b: int = 2,
+    inner_a: int = 3,
+    check_input: bool = True,
+    chunk_bytes: int | None = None,
+) -> NMFResult:
+    """Factorise each ``X[n]`` (``(N, S, F)``, non-negative) as ``A[n] @ B[n]``.
+
+    Neurons are processed in chunks of about ``chunk_bytes`` of input (default:
+    4 MB on the CPU, so that every sweep reads from cache; all at once on a GPU;
+    0 = one chunk). Chunking does not change the result: every neuron is
+    solved and stopped on its own (see :func:`_run`).
+    """
+    if X.dim() != 3:
+        raise ValueError(f"expected a batch of matrices (N, S, F), got {tuple(X.shape)}")
+    _check_args(k, max_iter, tol, check_every, inner_b, inner_a)
+    if X.dtype not in (torch.float32, torch.float64):
+        X = X.float()
+    if check_input and bool((X < 0).any()):
+        raise ValueError("NMF needs non-negative input")
+    n, s, f = X.shape
+    step = _chunk_size(n, s * f * X.element_size(), X.device, chunk_bytes)
+    return _drive(n, s, f, lambda i, j: X[i:j].contiguous(), step, X, k, max_iter, tol, check_every, inner_b, inner_a)
 
 
 def reduce_kernels(
@@ -325,26 +445,40 @@ def reduce_kernels(
     k: int = 3,
     max_iter: int = 200,
     tol: float = 1e-3,
-    check_every: int = 5,
+    check_every: int = 2,
     inner_b: int = 2,
     inner_a: int = 3,
-    chunk_bytes: int = 0,
+    chunk_bytes: int | None = None,
     check_input: bool = False,
 ) -> NMFResult:
     """Posneg NMF of every neuron of a conv layer; ``A`` reshaped to ``(N, kh, kw, k)``.
 
-    Same result as ``nmf_batched(posneg(weight))``; the posneg matrix is never
-    built (see :class:`_PosNeg`) unless the kernels have fewer than
-    ``kh*kw/2`` input channels or ``chunk_bytes`` is set. ``check_input`` is
-    accepted for symmetry: posneg output is non-negative by construction.
+    Same result as ``nmf_batched(posneg(weight))``, but the posneg matrix of the
+    whole layer is never built: each chunk's ``(n, kh*kw, 2*in)`` matrix is
+    written into one reused buffer straight from the kernels (the layer's
+    weights are read from main memory once, and no layer-sized array is
+    allocated). ``check_input`` is accepted for symmetry: posneg output is
+    non-negative by construction.
     """
     if weight.dim() != 4:
         raise ValueError(f"expected (out, in, kh, kw) kernels, got shape {tuple(weight.shape)}")
+    _check_args(k, max_iter, tol, check_every, inner_b, inner_a)
+    if weight.dtype not in (torch.float32, torch.float64):
+        weight = weight.float()
     n, c, kh, kw_ = weight.shape
-    args = (k, max_iter, tol, check_every, inner_b, inner_a)
-    if 2 * c < kh * kw_ or chunk_bytes > 0:
-        res = nmf_batched(posneg(weight), *args, check_input=False, chunk_bytes=chunk_bytes)
-    else:
-        res = _nmf_chunk(_PosNeg(weight.reshape(n, c, kh * kw_)), *args)
+    s, f = kh * kw_, 2 * c
+    w = weight.reshape(n, c, s)
+    step = _chunk_size(n, s * f * w.element_size(), w.device, chunk_bytes)
+    buf = torch.empty(min(step, n), s, f, dtype=w.dtype, device=w.device)
+
+    def chunk_x(i: int, j: int) -> torch.Tensor:
+        wc = w[i:j].transpose(1, 2)  # (m,S,C) view
+        xc = buf[: j - i]
+        xc[:, :, :c].copy_(wc)
+        torch.clamp(xc[:, :, :c], max=0, out=xc[:, :, c:]).neg_()
+        xc[:, :, :c].clamp_(min=0)
+        return xc
+
+    res = _drive(n, s, f, chunk_x, step, w, k, max_iter, tol, check_every, inner_b, inner_a)
     res.A = res.A.reshape(n, kh, kw_, k)
     return res
