@@ -104,6 +104,23 @@ def test_chain_matches_the_module_spec_for_a_plain_cnn():
     assert as_set(spec) == as_set(ref)
 
 
+def test_python_api_infers_the_chain_or_uses_a_loaded_module():
+    import netanatomy
+    from netanatomy.synthesis.experiment import SmallCNN
+
+    torch.manual_seed(0)
+    net = SmallCNN((4, 6, 8))
+    _randomize_bn(net)
+    a = _state(net)
+    spec = spec_from_state(a)
+    as_set = lambda s: {frozenset(items) for items in s.axes.values()}  # noqa: E731
+    assert as_set(spec) == as_set(spec_from_module(net))
+    b = apply_permutation(spec, random_permutations(spec, seed=4), a)
+    for how in (None, netanatomy.load(net)):
+        res = align(a, b, spec=how)
+        assert res.distance_after == 0.0 < res.distance_before
+
+
 def test_order_found_by_shapes_when_names_sort_out_of_order():
     # safetensors readers sort keys: "classifier" comes before "features"
     class VGGish(nn.Module):
