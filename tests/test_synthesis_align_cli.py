@@ -232,6 +232,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert_one_line_error(code, err, "is also an input")
     code, _, err = run(["align", pa, pa, "--out", out, "--average", out], capsys)
     assert_one_line_error(code, err, "same file")
+    bad = dict(a)
+    bad["0.weight"] = a["0.weight"].clone()
+    bad["0.weight"][0, 0] = float("nan")
+    pn = tmp_path / "nan.safetensors"
+    save_file(bad, pn)
+    code, _, err = run(["align", pa, pn, "--out", out], capsys)
+    assert_one_line_error(code, err, "NaN")
     grouped = tmp_path / "g.safetensors"
     save_file(_state(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 2, 1))), grouped)
     code, _, err = run(["align", grouped, grouped, "--out", out], capsys)

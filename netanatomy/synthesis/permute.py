@@ -421,6 +421,10 @@ def weight_matching(
     dev = torch.device(device) if device is not None else default_device()
     A = {k: a[k].detach().to(dev, torch.float64) for k in spec.cost_keys}
     B = {k: b[k].detach().to(dev, torch.float64) for k in spec.cost_keys}
+    for what, tensors in (("model A", A), ("model B", B)):
+        for k in sorted(tensors):
+            if not bool(torch.isfinite(tensors[k]).all()):
+                raise UserError(f"{what}: {k!r} holds NaN/Inf values; cannot match weights")
     ka = spec.key_axes()
     perms = {p: torch.arange(n, device=dev) for p, n in spec.sizes.items()}
     names = sorted(spec.sizes)
