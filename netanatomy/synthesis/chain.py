@@ -16,9 +16,11 @@ tell apart from a chain:
   ``k`` of the conv's channels is a flatten of a ``C x H x W`` map (blocks of
   ``k`` inputs per channel). When the key order does not link, an order is
   searched for by shapes alone and used only if it is the only one;
-* every norm vector rides with the conv / linear layer it follows: the layer
-  with the same parent and number in its name (``bn2`` with ``conv2``), else the
-  weight layer right before it in key order, else the only layer of its width;
+* every norm vector rides with the conv / linear layer it follows: in PyTorch
+  files and state dicts (module order) the weight layer right before it; in
+  safetensors (sorted keys) the layer with the same parent and number in its
+  name (``bn2`` with ``conv2``), else the one right before it; else the only
+  layer of its width;
 * the last layer's outputs and the first layer's inputs are fixed.
 
 Refused with a one-line :class:`~netanatomy.errors.UserError` naming the
@@ -36,6 +38,7 @@ module (``align(a, b, spec=module)``) for such networks.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -188,6 +191,9 @@ def infer_chain(src: Source) -> tuple[Chain, PermutationSpec]:
     for key in src.keys():
         if _RESIDUAL_RE.search(key):
             raise _unsupported(f"residual connections ({key!r}); pass the module to the Python API: align(a, b, spec=module)")
+    # PyTorch files and in-memory state dicts keep the module order; safetensors
+    # writers sort keys, so there names say more than positions
+    ordered = not (src.name.endswith((".safetensors", ".index.json")) or os.path.isdir(src.name))
     layers, skipped = build_layers(_SourceStore(src), layout="torch")
     for s in skipped:
         if len(s.shape) and int(torch.tensor(s.shape).prod()) > 1:
@@ -235,7 +241,9 @@ def infer_chain(src: Source) -> tuple[Chain, PermutationSpec]:
         head, num = _name_parts(nl.name)
         by_name = [l for l in cands if _name_parts(l.name) == (head, num)]
         prev = weights[before - 1] if before > 0 and weights[before - 1].shape[0] == n else None
-        if len(by_name) == 1:
+        if prev is not None and how == "key order" and ordered:
+            target = prev  # module order: the norm follows this layer
+        elif len(by_name) == 1:
             target = by_name[0]
         elif prev is not None and how == "key order":
             target = prev
