@@ -2,31 +2,44 @@
 
 A conv layer of 512 neurons, 512 input channels, 5x5 kernels; 3 components.
 Peer: ``sklearn.decomposition.NMF(3, init="nndsvda", solver="cd")`` fitted on
-each neuron's posneg matrix in a Python loop (its defaults otherwise). Ours:
-``netanatomy.banding.nmf.reduce_kernels`` on the whole layer at once.
+each neuron's posneg matrix in a Python loop (its defaults otherwise), with its
+BLAS / OpenMP pools limited to one thread (threadpoolctl): one fit per neuron
+on one core. Ours: ``netanatomy.banding.nmf.reduce_kernels`` on the whole layer
+at once, timed with one torch thread and with all threads.
 
 Two kinds of kernels, both measured in the same run:
 - ``structured``: kernels with spatial structure as trained layers have (a few
   smooth spatial patterns per neuron mixed over channels, plus noise);
-- ``iid``: independent Gaussian weights (an untrained layer; hard for NMF).
+- ``iid``: independent Gaussian weights (an untrained layer).
 
-Prints the speed ratio and both mean reconstruction errors (Frobenius norm of
-X - AB per neuron, averaged). Usage::
+Our time is the median of ``--repeats`` runs, half of them before and half
+after the scikit-learn loop (the machine may be shared, so its load drifts).
+Prints wall-clock speed ratios (the goal), the CPU-time ratio for one thread
+(less sensitive to other processes), both mean reconstruction errors
+(Frobenius norm of X - AB per neuron, averaged over the same neurons) and the
+load average at start and end. Usage::
 
-    python benchmarks/nmf_batched_vs_sklearn.py [--neurons 512] [--threads 1] [--sk-sample 0]
+    python benchmarks/nmf_batched_vs_sklearn.py [--neurons 512] [--repeats 6] [--sk-sample 0]
 
-``--sk-sample N`` times scikit-learn on N neurons only and extrapolates (its
-error is then compared with ours on the same N neurons); 0 = all neurons.
+``--sk-sample N`` times scikit-learn on the first N neurons only and scales its
+time up to the whole layer (its error is then compared with ours on the same N
+neurons); 0 = all neurons.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
 def structured_kernels(n: int, c: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -42,39 +55,72 @@ def structured_kernels(n: int, c: int, k: int, seed: int = 0) -> torch.Tensor:
     return w + 0.3 * torch.randn(n, c, k, k, generator=g)
 
 
-def run(kind: str, w: torch.Tensor, sk_sample: int) -> dict:
+def _time_ours(w: torch.Tensor, threads: int, repeats: int) -> tuple[list[float], list[float], object]:
+    from netanatomy.banding.nmf import reduce_kernels
+
+    torch.set_num_threads(threads)
+    reduce_kernels(w[:8])  # warm-up
+    walls, cpus, res = [], [], None
+    for _ in range(repeats):
+        c0, t0 = time.process_time(), time.perf_counter()
+        res = reduce_kernels(w, k=3)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    return walls, cpus, res
+
+
+def _time_sklearn(X: np.ndarray, idx: range) -> tuple[float, float, list[float]]:
     from sklearn.decomposition import NMF
     from sklearn.exceptions import ConvergenceWarning
+    from threadpoolctl import threadpool_limits
 
-    from netanatomy.banding.nmf import posneg, reduce_kernels
-
-    reduce_kernels(w[:8])  # warm-up
-    t0 = time.perf_counter()
-    ours = reduce_kernels(w, k=3)
-    t_ours = time.perf_counter() - t0
-
-    X = posneg(w).numpy()
-    idx = range(X.shape[0]) if sk_sample <= 0 else range(min(sk_sample, X.shape[0]))
     errs = []
-    t0 = time.perf_counter()
-    with warnings.catch_warnings():
+    with threadpool_limits(limits=1), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        NMF(n_components=3, init="nndsvda", solver="cd").fit_transform(X[0])  # warm-up (imports, first call)
+        c0, t0 = time.process_time(), time.perf_counter()
         for i in idx:
             m = NMF(n_components=3, init="nndsvda", solver="cd")
             m.fit_transform(X[i])
             errs.append(m.reconstruction_err_)
-    t_sk = (time.perf_counter() - t0) * X.shape[0] / len(idx)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return wall, cpu, errs
+
+
+def run(kind: str, w: torch.Tensor, sk_sample: int, repeats: int, all_threads: int) -> dict:
+    from netanatomy.banding.nmf import posneg
+
+    X = posneg(w).contiguous().numpy()
+    n = X.shape[0]
+    idx = range(n) if sk_sample <= 0 else range(min(sk_sample, n))
+    scale = n / len(idx)
+    half = max(1, repeats // 2)
+    w1a, c1a, ours = _time_ours(w, 1, half)
+    wna, _, _ = _time_ours(w, all_threads, half) if all_threads > 1 else ([], [], None)
+    sk_wall, sk_cpu, errs = _time_sklearn(X, idx)
+    w1b, c1b, _ = _time_ours(w, 1, repeats - half)
+    wnb, _, _ = _time_ours(w, all_threads, repeats - half) if all_threads > 1 else ([], [], None)
+    t1, c1 = statistics.median(w1a + w1b), statistics.median(c1a + c1b)
+    tn = statistics.median(wna + wnb) if all_threads > 1 else float("nan")
+    sk_wall, sk_cpu = sk_wall * scale, sk_cpu * scale
     ours_err = float(ours.err[: len(idx)].mean())
     sk_err = float(np.mean(errs))
     return {
         "kind": kind,
-        "ours_s": t_ours,
-        "sklearn_s": t_sk,
-        "ratio": t_sk / t_ours,
+        "ours_1t": t1,
+        "ours_1t_all": sorted(w1a + w1b),
+        "ours_cpu_1t": c1,
+        "ours_nt": tn,
+        "sk_wall": sk_wall,
+        "sk_cpu": sk_cpu,
+        "ratio_1t": sk_wall / t1,
+        "ratio_nt": sk_wall / tn,
+        "ratio_cpu": sk_cpu / c1,
         "ours_err": ours_err,
-        "sklearn_err": sk_err,
+        "sk_err": sk_err,
         "err_diff_pct": 100 * (ours_err - sk_err) / sk_err,
-        "ours_sweeps": ours.iterations,
+        "sweeps_mean": float(ours.sweeps.float().mean()),
+        "sweeps_max": ours.iterations,
     }
 
 
@@ -83,24 +129,33 @@ def main() -> None:
     ap.add_argument("--neurons", type=int, default=512)
     ap.add_argument("--channels", type=int, default=512)
     ap.add_argument("--kernel", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=6, help="timed runs of ours per thread setting (median)")
+    ap.add_argument("--threads", type=int, default=0, help="'all threads' setting for ours (0 = torch's default)")
     ap.add_argument("--sk-sample", type=int, default=0)
     a = ap.parse_args()
-    torch.set_num_threads(a.threads)
-    print(f"layer: {a.neurons} neurons x {a.channels} input channels x {a.kernel}x{a.kernel}; "
-          f"torch threads={a.threads}; float32 for both; machine shared, timings noisy")
+    all_threads = a.threads or torch.get_num_threads()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores; "
+          "machine shared, timings noisy)")
+    print(f"layer: {a.neurons} neurons x {a.channels} input channels x {a.kernel}x{a.kernel}, 3 components, float32 "
+          f"both sides; ours: median of {a.repeats} runs with 1 torch thread and with {all_threads}; "
+          "sklearn: 1 thread (BLAS/OpenMP limited by threadpoolctl), "
+          + ("all neurons" if a.sk_sample <= 0 else f"first {a.sk_sample} neurons timed, scaled up to {a.neurons}"))
     for kind in ("structured", "iid"):
         if kind == "iid":
             w = torch.randn(a.neurons, a.channels, a.kernel, a.kernel, generator=torch.Generator().manual_seed(1))
         else:
             w = structured_kernels(a.neurons, a.channels, a.kernel)
-        r = run(kind, w, a.sk_sample)
-        note = "" if a.sk_sample <= 0 else f" (sklearn timed on {a.sk_sample} neurons, extrapolated)"
+        r = run(kind, w, a.sk_sample, a.repeats, all_threads)
+        note = "" if a.sk_sample <= 0 else f" (timed on {a.sk_sample} neurons, scaled)"
+        nt = (f"; {all_threads} threads {r['ours_nt']:.3f} s: speed ratio {r['ratio_nt']:.1f}x" if all_threads > 1 else "")
         print(
-            f"[{kind}] ours {r['ours_s']:.3f} s ({r['ours_sweeps']} sweeps), sklearn loop {r['sklearn_s']:.2f} s{note}: "
-            f"speed ratio {r['ratio']:.1f}x | mean reconstruction error ours {r['ours_err']:.4f}, "
-            f"sklearn {r['sklearn_err']:.4f} ({r['err_diff_pct']:+.2f}%)"
+            f"[{kind}] sklearn loop {r['sk_wall']:.2f} s{note} | ours 1 thread {r['ours_1t']:.3f} s "
+            f"(runs {', '.join(f'{t:.3f}' for t in r['ours_1t_all'])}): speed ratio {r['ratio_1t']:.1f}x{nt} | "
+            f"CPU-time ratio (1 thread) {r['ratio_cpu']:.1f}x ({r['sk_cpu']:.2f} s / {r['ours_cpu_1t']:.3f} s) | "
+            f"mean reconstruction error ours {r['ours_err']:.4f}, sklearn {r['sk_err']:.4f} ({r['err_diff_pct']:+.2f}%) | "
+            f"sweeps per neuron mean {r['sweeps_mean']:.1f}, max {r['sweeps_max']}"
         )
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

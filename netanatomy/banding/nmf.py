@@ -304,9 +304,12 @@ def _run(
             n_new = new.shape[0]
             if n_new:
                 d = b.idx.index_select(0, new)
-                out.A.index_copy_(0, d, A.index_select(0, new))
-                out.B.index_copy_(0, d, B.index_select(0, new))
-                out.err2.index_copy_(0, d, e.index_select(0, new))
+                Ad, Bd = A.index_select(0, new), B.index_select(0, new)
+                res = torch.baddbmm(X.index_select(0, new), Ad, Bd, alpha=-1)  # the real residual, not the
+                err2 = torch.linalg.vector_norm(res, dim=(1, 2)).double().square()  # cancelling sum above
+                out.err2.index_copy_(0, d, err2)
+                out.A.index_copy_(0, d, Ad)
+                out.B.index_copy_(0, d, Bd)
                 out.sweeps.index_copy_(0, d, b.its.index_select(0, new))
                 b.alive &= ~done
                 b.n_alive -= n_new
