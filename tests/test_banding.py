@@ -304,3 +304,116 @@ def test_reduce_kernels_matches_dense_posneg_path():
     assert torch.allclose(a.err, b.err, atol=1e-4, rtol=1e-3)
     direct = (posneg(w) - a.A.reshape(6, 9, 3) @ a.B).flatten(1).norm(dim=1)
     assert torch.allclose(direct, a.err, atol=1e-4, rtol=1e-3)
+
+
+def test_topbottom_label_is_the_vertical_order_of_two_strata():
+    from netanatomy.banding.scenes import _BASE, TB_CLASSES, make_topbottom
+
+    n, size = 64, 56
+    x, y, lay = make_topbottom(n, size, torch.Generator().manual_seed(2), return_layout=True)
+    assert x.shape == (n, 3, size, size) and int(y.max()) < len(TB_CLASSES)
+    # paired classes: same two materials, opposite order
+    for i in range(0, len(TB_CLASSES), 2):
+        assert TB_CLASSES[i][1] == TB_CLASSES[i + 1][1][::-1]
+    up, lo = lay["upper"], lay["lower"]
+    assert float((up * lo).sum()) == 0
+    rows = torch.arange(size).float().view(1, 1, size, 1)
+    # the upper stratum lies above the lower one, a tall clutter band between them
+    low_edge_of_upper = (up * rows).flatten(1).max(1).values
+    top_edge_of_lower = (lo * rows + (1 - lo) * 1e9).flatten(1).min(1).values
+    assert bool((top_edge_of_lower - low_edge_of_upper > 0.15 * size).all())
+    # the material in the upper stratum is the class's first one
+    img = x / 2 + 0.5
+    right = 0
+    for i in range(n):
+        a, b = TB_CLASSES[int(y[i])][1]
+        mean_up = (img[i] * up[i]).flatten(1).sum(1) / up[i].sum()
+        right += int((mean_up - _BASE[a]).norm() < (mean_up - _BASE[b]).norm())
+    assert right >= 0.85 * n
+    # swapping the order of the pair swaps what sits on top: same labels, other seed
+    _, y2 = make_topbottom(4, size, torch.Generator().manual_seed(2), labels=torch.tensor([0, 1, 0, 1]))
+    assert y2.tolist() == [0, 1, 0, 1]
+
+
+def test_fashion_photos_on_a_canvas():
+    from netanatomy.banding.scenes import FASHION_CLASSES, make_fashion
+    from netanatomy.datasets import fashion_mnist_available
+
+    if not fashion_mnist_available():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    a, la = make_fashion(6, 56, torch.Generator().manual_seed(1))
+    b, lb = make_fashion(6, 56, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert a.shape == (6, 3, 56, 56) and int(la.max()) < len(FASHION_CLASSES)
+    _, lc = make_fashion(3, 56, torch.Generator().manual_seed(1), labels=torch.tensor([9, 0, 5]), split="test")
+    assert lc.tolist() == [9, 0, 5]
+
+
+def test_batches_rotate_and_flip():
+    from dataclasses import replace
+
+    from netanatomy.banding.experiment import CONFIGS, make_batch
+
+    cfg = replace(CONFIGS["quick"], data="topbottom", flip=False)
+    up, yu = make_batch(cfg, 5, False, torch.Generator().manual_seed(3))
+    rot, yr = make_batch(cfg, 5, True, torch.Generator().manual_seed(3))
+    assert torch.equal(yu, yr)
+    assert torch.equal(rot, torch.rot90(up, 1, dims=(2, 3)))
+    # a quarter turn: the top row becomes the left column (read bottom to top)
+    assert torch.equal(rot[:, :, :, 0], up[:, :, 0, :].flip(2))
+    cf = replace(cfg, flip=True)
+    fl, _ = make_batch(cf, 16, False, torch.Generator().manual_seed(3), torch.Generator().manual_seed(4))
+    pl, _ = make_batch(cfg, 16, False, torch.Generator().manual_seed(3))
+    flipped = [bool(torch.equal(fl[i], pl[i].flip(2))) for i in range(16)]
+    kept = [bool(torch.equal(fl[i], pl[i])) for i in range(16)]
+    assert all(f or k for f, k in zip(flipped, kept)) and 0 < sum(flipped) < 16
+
+
+def test_saved_weights_rescore_without_training(tmp_path):
+    from dataclasses import replace
+
+    from netanatomy.banding.experiment import (
+        CONFIGS,
+        initial_weights,
+        load_run,
+        run_experiment,
+        train_one,
+        weights_path,
+    )
+    from netanatomy.errors import UserError
+
+    torch.set_num_threads(1)
+    # a run with no steps keeps the initial weights, which initial_weights rebuilds
+    cfg0 = replace(CONFIGS["quick"], steps=0, test_size=4)
+    run0 = train_one(cfg0, "xpool")
+    init = initial_weights(cfg0)
+    assert all(torch.equal(run0["weights"][k], init[k]) for k in init)
+    cfg = replace(CONFIGS["quick"], steps=2, test_size=16, interventions=("baseline",))
+    with pytest.raises(UserError):
+        run_experiment(cfg, tmp_path, rescore=True, write=False)
+    res = run_experiment(cfg, tmp_path, write=False)
+    f = weights_path(tmp_path / "banding_weights", cfg, "baseline")
+    assert f.exists()
+    _, run = load_run(f)
+    assert run["accuracy"] == res.runs["baseline"]["accuracy"]
+    assert torch.equal(run["weights"]["5b"], res.runs["baseline"]["weights"]["5b"])
+    res2 = run_experiment(cfg, tmp_path, rescore=True, write=False)
+    r1, r2 = res.layers[("baseline", "5b")].record, res2.layers[("baseline", "5b")].record
+    assert r1["v_y_median"] == pytest.approx(r2["v_y_median"])
+    assert ("baseline", "5b") in res2.updates
+    # a different config's weights are not silently reused for rescoring
+    with pytest.raises(UserError):
+        run_experiment(replace(cfg, lr=0.01), tmp_path, rescore=True, write=False)
+
+
+def test_cli_rescore_user_errors(tmp_path, capsys):
+    from netanatomy.cli import main
+
+    for extra, msg in ((["--rescore", "--retrain"], "exclude"), (["--rescore"], "no saved weights")):
+        with pytest.raises(SystemExit) as exc:
+            main(["experiment", "banding", "--config", "quick", "--out", str(tmp_path), *extra])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err
+    wdir = tmp_path / "banding_weights"
+    assert not wdir.exists() or not any(wdir.iterdir())  # nothing was trained

@@ -17,24 +17,41 @@ Interventions (one training run each, same seed and data stream):
   architecture (the gradient that reaches 5b through an x-average is nearly
   constant along x) rather than learned from the data.
 
-Data: procedurally generated scenes (:mod:`netanatomy.banding.scenes`) whose
-class depends on the vertical order of their strata.
+Data (``ExperimentConfig.data``): procedurally generated scenes
+(:mod:`netanatomy.banding.scenes`): ``scenes`` (three strata, the class is their
+vertical order, readable locally at a stratum boundary) or ``topbottom`` (the
+class is which of two materials lies above the other, with a tall band of
+label-free clutter between them, so the relation spans most of the image).
+
+Trained weights are saved as safetensors (``<weights dir>/<config>_<intervention>.safetensors``,
+with the run's accuracy and timings in the metadata); ``rescore`` recomputes the
+tables from them without training.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import LayerBanding, align_colours, analyse_weight, describe_type, kmeans, type_features
-from .scenes import CLASSES, make_scenes
+from .core import (
+    LayerBanding,
+    align_colours,
+    analyse_weight,
+    describe_type,
+    kmeans,
+    type_features,
+)
+from .scenes import DATASETS
+
+CLASSES_N = 10
 
 INTERVENTIONS = ("baseline", "rotate", "nopool", "xpool", "xpool_rotate")
 
@@ -53,9 +70,19 @@ class ExperimentConfig:
     seed: int = 0
     interventions: tuple[str, ...] = INTERVENTIONS
     k_types: int = 4
+    conv_weight_decay: float | None = None  # on the conv weights (scale-free under batch norm); None: weight_decay
+    optimizer: str = "sgd"  # sgd (Nesterov momentum 0.9) or adamw (decoupled weight decay)
+    data: str = "scenes"  # a key of scenes.DATASETS
+    flip: bool = False  # random horizontal flips while training (as ImageNet training does)
 
+
+MAIN_CONFIG = "fashion"  # the config whose results are results/banding.md
 
 CONFIGS = {
+    # the reported runs: upright photos of objects (Fashion-MNIST items on a 56x56 canvas,
+    # random horizontal flips as in ImageNet training), AdamW; about 200 CPU seconds a run
+    "fashion": ExperimentConfig(name="fashion", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=1200,
+                                lr=3e-3, optimizer="adamw", data="fashion", flip=True),
     # what the article's shape asks for at CPU scale; about 25 minutes a run on one free core
     "full": ExperimentConfig(),
     # the budget of a shared 2-core machine: narrower, 3x3 everywhere, 500 steps (about 6 minutes a run while the machine is shared)
@@ -63,6 +90,9 @@ CONFIGS = {
     # the small config trained three times longer, for the lever "longer training"
     "small_long": ExperimentConfig(name="small_long", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=1500,
                                    interventions=("baseline", "rotate")),
+    # scenes whose class is which of two strata lies above the other, far apart (explored, not the main result)
+    "topbottom": ExperimentConfig(name="topbottom", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=500,
+                                  data="topbottom"),
     "quick": ExperimentConfig(
         name="quick", size=28, widths=(4, 8, 8, 8, 12, 12), steps=6, batch=16, test_size=64,
         interventions=("baseline", "xpool"),
@@ -84,7 +114,7 @@ def _conv(cin: int, cout: int, k: int) -> list[nn.Module]:
 class SimplifiedNet(nn.Module):
     """conv1 | L2pool | conv2 | L2pool | 3a 3b | L2pool | 5a 5b | head | fc."""
 
-    def __init__(self, widths, kernels, head: str = "gap", size: int = 56, classes: int = len(CLASSES)):
+    def __init__(self, widths, kernels, head: str = "gap", size: int = 56, classes: int = CLASSES_N):
         super().__init__()
         w, k = widths, kernels
         self.conv1 = nn.Sequential(*_conv(3, w[0], k[0]))
@@ -131,6 +161,21 @@ def _spec(intervention: str) -> tuple[str, bool]:
     }[intervention]
 
 
+def make_batch(cfg: ExperimentConfig, n: int, rotate: bool, g: torch.Generator, gflip: torch.Generator | None = None,
+               split: str = "train"):
+    """``n`` images of the config's data (flipped at random when ``gflip`` is given and the
+    config flips), rotated 90 degrees counter-clockwise when ``rotate``; and labels.
+    ``split`` picks the photo set's train or test images (generated scenes ignore it)."""
+    kw = {"split": split} if cfg.data == "fashion" else {}
+    x, y = DATASETS[cfg.data][0](n, cfg.size, g, **kw)
+    if cfg.flip and gflip is not None:
+        f = torch.rand(x.shape[0], generator=gflip) < 0.5
+        x[f] = x[f].flip(3)
+    if rotate:
+        x = torch.rot90(x, 1, dims=(2, 3))
+    return x, y
+
+
 def train_one(cfg: ExperimentConfig, intervention: str, log: Callable[[str], None] | None = None) -> dict:
     """Train one intervention; returns weights, accuracy and timings (CPU or GPU)."""
     from .._util import default_device
@@ -139,18 +184,24 @@ def train_one(cfg: ExperimentConfig, intervention: str, log: Callable[[str], Non
     dev = default_device()
     torch.manual_seed(cfg.seed)
     net = SimplifiedNet(cfg.widths, cfg.kernels, head, cfg.size).to(dev)
-    init = net.conv_weights()
-    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    conv_w = [p for n, p in net.named_parameters() if n.startswith("conv") and n.endswith(".0.weight")]
+    ids = {id(p) for p in conv_w}
+    rest = [p for p in net.parameters() if id(p) not in ids]
+    wdc = cfg.weight_decay if cfg.conv_weight_decay is None else cfg.conv_weight_decay
+    groups = [{"params": conv_w, "weight_decay": wdc}, {"params": rest, "weight_decay": cfg.weight_decay}]
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    else:
+        opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, cfg.steps), pct_start=0.15)
     g = torch.Generator().manual_seed(cfg.seed + 1)  # same data stream for every intervention
+    gf = torch.Generator().manual_seed(cfg.seed + 2)
     start = time.perf_counter()
     cpu_start = time.process_time()
     net.train()
     loss_ema = math.nan
     for step in range(cfg.steps):
-        x, y = make_scenes(cfg.batch, cfg.size, g)
-        if rotate:
-            x = torch.rot90(x, 1, dims=(2, 3))
+        x, y = make_batch(cfg, cfg.batch, rotate, g, gf)
         x, y = x.to(dev), y.to(dev)
         loss = F.cross_entropy(net(x), y)
         opt.zero_grad(set_to_none=True)
@@ -168,9 +219,7 @@ def train_one(cfg: ExperimentConfig, intervention: str, log: Callable[[str], Non
     correct = 0
     with torch.no_grad():
         for i in range(0, cfg.test_size, 250):
-            x, y = make_scenes(min(250, cfg.test_size - i), cfg.size, gt)
-            if rotate:
-                x = torch.rot90(x, 1, dims=(2, 3))
+            x, y = make_batch(cfg, min(250, cfg.test_size - i), rotate, gt, split="test")
             correct += int((net(x.to(dev)).argmax(1).cpu() == y).sum())
     return {
         "intervention": intervention,
@@ -182,7 +231,6 @@ def train_one(cfg: ExperimentConfig, intervention: str, log: Callable[[str], Non
         "train_cpu_seconds": cpu_s,
         "fc_params": sum(p.numel() for p in net.fc.parameters()),
         "weights": {k: v.cpu() for k, v in net.conv_weights().items()},
-        "init": {k: v.cpu() for k, v in init.items()},
         "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
     }
 
@@ -194,6 +242,8 @@ class ExperimentResult:
     layers: dict[tuple[str, str], LayerBanding] = field(default_factory=dict)
     joint_types: dict = field(default_factory=dict)
     findings: list[dict] = field(default_factory=list)
+    weights_dir: str | None = None
+    updates: dict[tuple[str, str], dict] = field(default_factory=dict)  # banding records of W - W_init
 
     def table(self) -> list[dict]:
         rows = []
@@ -215,11 +265,29 @@ class ExperimentResult:
         return rows
 
 
+def initial_weights(cfg: ExperimentConfig) -> dict[str, torch.Tensor]:
+    """The conv weights every run starts from (the same for every head: the FC layer is
+    created after the convs), rebuilt from the seed exactly as :func:`train_one` does."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(cfg.seed)
+        return SimplifiedNet(cfg.widths, cfg.kernels, "gap", cfg.size).conv_weights()
+    finally:
+        torch.random.set_rng_state(state)
+
+
 def analyse_runs(cfg: ExperimentConfig, runs: dict[str, dict], layers=("1", "2", "3a", "3b", "5a", "5b")) -> ExperimentResult:
     res = ExperimentResult(config=cfg, runs=runs)
+    init = initial_weights(cfg)
     for name, run in runs.items():
         for layer in layers:
-            res.layers[(name, layer)] = analyse_weight(f"{name}/{layer}", run["weights"][layer], k_types=cfg.k_types, seed=cfg.seed)
+            w = run["weights"][layer]
+            res.layers[(name, layer)] = analyse_weight(f"{name}/{layer}", w, k_types=cfg.k_types, seed=cfg.seed)
+            if init[layer].shape == w.shape:
+                d = w.float() - init[layer]
+                rec = dict(analyse_weight(f"{name}/{layer} update", d, k_types=0, seed=cfg.seed).record)
+                rec["update_norm_ratio"] = float(d.norm() / init[layer].norm().clamp_min(1e-12))
+                res.updates[(name, layer)] = rec
     # Banding types clustered jointly over 5a/5b of every run, as in the article's appendix.
     keys = [k for k in res.layers if k[1] in ("5a", "5b")]
     if keys:
@@ -303,6 +371,40 @@ def judge(res: ExperimentResult) -> list[dict]:
     return out
 
 
+_RUN_SCALARS = ("intervention", "head", "rotate", "accuracy", "train_loss", "train_seconds", "train_cpu_seconds", "fc_params")
+
+
+def save_run(run: dict, path: str | Path, cfg: ExperimentConfig) -> None:
+    """The run's full state dict as safetensors; config and scalars in the metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"config": _cfg_key(cfg), "run": json.dumps({k: run[k] for k in _RUN_SCALARS if k in run})}
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in run["state_dict"].items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_run(path: str | Path) -> tuple[str, dict]:
+    """(config key, run dict) from a file written by :func:`save_run`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    state = load_file(str(path))
+    run = json.loads(meta.get("run", "{}"))
+    run["state_dict"] = state
+    run["weights"] = {n: state[f"conv{n}.0.weight"] for n in ("1", "2", "3a", "3b", "5a", "5b")}
+    return meta.get("config", ""), run
+
+
+def weights_path(weights: str | Path, cfg: ExperimentConfig, intervention: str) -> Path:
+    return Path(weights) / f"{cfg.name}_{intervention}.safetensors"
+
+
 def run_experiment(
     config: str | ExperimentConfig,
     out: str | Path,
@@ -310,33 +412,47 @@ def run_experiment(
     log: Callable[[str], None] | None = None,
     reuse: bool = True,
     command: str | None = None,
+    weights: str | Path | None = None,
+    rescore: bool = False,
+    write: bool = True,
 ) -> ExperimentResult:
-    """Train (or reload from ``out/banding_runs``) every intervention, analyse, write results."""
+    """Train every intervention (or reuse its saved weights), analyse, write results.
+
+    Weights go to ``weights`` (default ``out/banding_weights``). With ``rescore`` nothing
+    is trained: every run's weights must exist there (same config), else ``UserError``.
+    """
+    from ..errors import UserError
+
     cfg = CONFIGS[config] if isinstance(config, str) else config
     if interventions:
         cfg = replace(cfg, interventions=tuple(interventions))
     out = Path(out)
-    cache = out / "banding_runs"
-    cache.mkdir(parents=True, exist_ok=True)
+    wdir = Path(weights) if weights is not None else out / "banding_weights"
     runs = {}
     for name in cfg.interventions:
-        f = cache / f"{cfg.name}_{name}.pt"
-        if reuse and f.exists():
-            saved = torch.load(f, weights_only=True)
-            if saved.get("config") == _cfg_key(cfg):
-                runs[name] = saved["run"]
+        f = weights_path(wdir, cfg, name)
+        if (reuse or rescore) and f.exists():
+            key, run = load_run(f)
+            if key == _cfg_key(cfg):
+                runs[name] = run
                 if log:
                     log(f"{name}: reusing {f}")
                 continue
+            if rescore:
+                raise UserError(f"{f} was trained with a different config than {cfg.name!r}; retrain without --rescore")
+        if rescore:
+            raise UserError(f"no saved weights {f}; train first: netanatomy experiment banding --config {cfg.name} --only {name}")
         run = train_one(cfg, name, log)
         if log:
             log(f"{name}: accuracy {run['accuracy']:.3f} in {run['train_seconds']:.0f}s")
-        torch.save({"config": _cfg_key(cfg), "run": run}, f)
+        save_run(run, f, cfg)
         runs[name] = run
     res = analyse_runs(cfg, runs)
-    from .report import write_results
+    res.weights_dir = str(wdir)
+    if write:
+        from .report import write_results
 
-    write_results(res, out, command)
+        write_results(res, out, command)
     return res
 
 

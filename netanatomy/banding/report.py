@@ -27,8 +27,10 @@ def _f(v, nd=2) -> str:
 
 
 def prefix_for(config_name: str) -> str:
-    """File prefix: ``banding`` for the default config, ``banding_<config>`` otherwise."""
-    return "banding" if config_name == "small" else f"banding_{config_name}"
+    """File prefix: ``banding`` for the main config, ``banding_<config>`` otherwise."""
+    from .experiment import MAIN_CONFIG
+
+    return "banding" if config_name == MAIN_CONFIG else f"banding_{config_name}"
 
 
 def figures(res, out: Path, prefix: str = "banding") -> dict[str, str]:
@@ -43,7 +45,7 @@ def figures(res, out: Path, prefix: str = "banding") -> dict[str, str]:
     import torch
 
     from .figures import centre_pictures, picture_grid, tile
-    from .scenes import CLASSES, make_scenes
+    from .scenes import DATASETS
 
     files = {}
     runs = list(res.runs)
@@ -92,13 +94,14 @@ def figures(res, out: Path, prefix: str = "banding") -> dict[str, str]:
     fig.savefig(out / files["v"], dpi=110)
     plt.close(fig)
 
+    make, classes = DATASETS[res.config.data]
     g = torch.Generator().manual_seed(0)
-    x, y = make_scenes(20, res.config.size, g, labels=torch.arange(20) % len(CLASSES))
+    x, y = make(20, res.config.size, g, labels=torch.arange(20) % len(classes))
     img = tile(((x.permute(0, 2, 3, 1) / 2 + 0.5).clamp(0, 1)).numpy(), cols=10, pad=2)
     fig, a = plt.subplots(figsize=(10, 2.3))
     a.imshow(img)
     a.set_axis_off()
-    a.set_title("training scenes, two per class (columns: " + ", ".join(c[0] for c in CLASSES) + ")", fontsize=7)
+    a.set_title("training scenes, two per class (columns: " + ", ".join(c[0] for c in classes) + ")", fontsize=7)
     files["scenes"] = f"{prefix}_scenes.png"
     fig.savefig(out / files["scenes"], dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -113,18 +116,27 @@ def markdown(res, files: dict[str, str], command: str) -> str:
     L.append(
         f"Config `{cfg.name}`: {cfg.size}x{cfg.size} RGB inputs; convs {', '.join(f'{w}({k}x{k})' for w, k in zip(cfg.widths, cfg.kernels))} "
         f"(conv1 | L2 pool | conv2 | L2 pool | 3a 3b | L2 pool | 5a 5b | head | FC), batch norm after every conv, "
-        f"final map {(cfg.size + 7) // 8}x{(cfg.size + 7) // 8}; SGD (Nesterov, momentum 0.9, weight decay {cfg.weight_decay}), "
-        f"one-cycle learning rate up to {cfg.lr}, {cfg.steps} steps of {cfg.batch} freshly generated images "
-        f"({cfg.steps * cfg.batch} images), seed {cfg.seed}; every run sees the same image stream.\n"
+        f"final map {(cfg.size + 7) // 8}x{(cfg.size + 7) // 8}; "
+        f"{'AdamW' if cfg.optimizer == 'adamw' else 'SGD (Nesterov, momentum 0.9)'}, weight decay {cfg.weight_decay}"
+        f"{'' if cfg.conv_weight_decay is None else f' ({cfg.conv_weight_decay} on the conv weights)'}, "
+        f"one-cycle learning rate up to {cfg.lr}, {cfg.steps} steps of {cfg.batch} "
+        f"{'augmented Fashion-MNIST training photos' if cfg.data == 'fashion' else 'freshly generated images'} "
+        f"({cfg.steps * cfg.batch} images{', random horizontal flips' if cfg.flip else ''}), seed {cfg.seed}; "
+        f"every run sees the same image stream. Data: `{cfg.data}` (`netanatomy/banding/scenes.py`). "
+        f"Trained weights: `{res.weights_dir or 'not saved'}` (the tables can be recomputed from them with `--rescore`).\n"
     )
     L.append("## Runs\n")
+    L.append("Timings: one torch thread per run, at most two runs at once on a 2-core machine shared with other jobs, "
+             "so wall seconds are noisy; CPU seconds are this process's own.\n")
     L.append("| experiment | head before FC | inputs | FC parameters | test accuracy | final train loss | wall seconds | CPU seconds |")
     L.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, run in res.runs.items():
         cpu = run.get("train_cpu_seconds")
         L.append(f"| {name} | {run['head']} | {'rotated 90 degrees' if run['rotate'] else 'upright'} | {run['fc_params']} | "
                  f"{100 * run['accuracy']:.1f}% | {run['train_loss']:.3f} | {run['train_seconds']:.0f} | {'' if cpu is None else f'{cpu:.0f}'} |")
-    L.append("\n(10 classes; chance 10%; a model that only knows which textures are present, not their vertical order, is capped near 50%.)\n")
+    L.append("\n(10 classes; chance 10%" + ("; a model that only knows which textures are present, not their vertical order, is capped near 50%.)\n"
+             if cfg.data in ("scenes", "topbottom") else ".)\n"))
+    L.append("Banded and orientation thresholds were fixed before these runs (the ones DESIGN.md calibrated on published pictures).\n")
     jt = res.joint_types
     if jt:
         L.append("## Banding types (the article's appendix table)\n")
@@ -150,6 +162,18 @@ def markdown(res, files: dict[str, str], command: str) -> str:
         L.append(f"| {run} | {layer} | {r['orientation']} | {_pct(r['horizontal_fraction'])} | {_pct(r['vertical_fraction'])} | "
                  f"{_f(r['v_y_median'])} | {_f(r['v_x_median'])} |")
     L.append("")
+    if res.updates:
+        L.append("### What training added: the update W - W_init\n")
+        L.append("The same scores on each conv's learned change from its random initial weights (rebuilt from the seed). "
+                 "The trained weights above are W_init + update; when the update is small against W_init, the i.i.d. "
+                 "initial weights (V about 0.25 / 0.25) hide whatever structure the update has. This is our diagnostic, "
+                 "not one of the article's measurements.\n")
+        L.append("| experiment | layer | norm of update / norm of W_init | orientation of update | horizontally banded | vertically banded | median V_y | median V_x |")
+        L.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for (run, layer), r in res.updates.items():
+            L.append(f"| {run} | {layer} | {_f(r['update_norm_ratio'])} | {r['orientation']} | {_pct(r['horizontal_fraction'])} | "
+                     f"{_pct(r['vertical_fraction'])} | {_f(r['v_y_median'])} | {_f(r['v_x_median'])} |")
+        L.append("")
     if "grids" in files:
         L.append("## Pictures\n")
         L.append("Every neuron's posneg-NMF picture (3 components as RGB, colours aligned within a layer, similar neurons together, "
@@ -213,6 +237,18 @@ def demo_section(out: Path, prefix: str) -> list[str]:
     return L
 
 
+HANDWRITTEN = "## Reading the results"
+
+
+def _handwritten(path: Path) -> str:
+    """The hand-written section of an existing results file (kept when regenerating)."""
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    i = text.find("\n" + HANDWRITTEN)
+    return "" if i < 0 else "\n" + text[i + 1 :].rstrip("\n") + "\n"
+
+
 def write_results(res, out, command: str | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -224,5 +260,6 @@ def write_results(res, out, command: str | None = None) -> Path:
     text = markdown(res, files, command)
     if res.config.name != "quick":
         text += "\n".join(demo_section(out, prefix)) + "\n"
+    text += _handwritten(path)
     atomic_write_text(path, text)
     return path

@@ -137,3 +137,139 @@ def make_scenes(n: int, size: int = 56, generator: torch.Generator | None = None
     img = img * (0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=g)) + 0.1 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
     img = img + 0.03 * torch.randn(img.shape, generator=g)
     return (img.clamp(0, 1.2) - 0.5) * 2.0, labels
+
+
+# ---------------------------------------------------------------------------
+# "Top/bottom" scenes: the label is a vertical relation at the scale of the image.
+
+TB_PAIRS = ((SKY, WATER), (SAND, GRASS), (SNOW, ROCK), (FOREST, SUNSET), (WATER, SAND))
+TB_CLASSES = tuple(
+    (f"{MATERIALS[a]} above {MATERIALS[b]}", (a, b)) for p in TB_PAIRS for (a, b) in (p, p[::-1])
+)
+
+
+def _clutter(n: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """Label-free clutter with structure along x: columns of random width and colour
+    (trunks, buildings), broken by a few horizontal cuts, plus grain. (n, 3, size, size)."""
+    # column index per x: random widths 2-12 px
+    cols = torch.empty(n, size, dtype=torch.long)
+    widths = torch.randint(2, max(3, size // 5), (n, size), generator=g)
+    edges = widths.cumsum(1)
+    xs = torch.arange(size).view(1, size, 1)
+    cols = (xs >= edges.view(n, 1, size)).sum(2)  # (n, size): column id of every x
+    ncol = size + 1
+    # every column gets two colours split at a random height (a horizontal cut)
+    c_top = torch.rand(n, ncol, 3, generator=g) * 0.9 + 0.05
+    c_bot = torch.rand(n, ncol, 3, generator=g) * 0.9 + 0.05
+    cut = torch.rand(n, ncol, generator=g) * size
+    y = torch.arange(size).view(1, size, 1)
+    top_c = torch.gather(c_top, 1, cols.unsqueeze(2).expand(n, size, 3))  # (n, W, 3)
+    bot_c = torch.gather(c_bot, 1, cols.unsqueeze(2).expand(n, size, 3))
+    cut_x = torch.gather(cut, 1, cols)  # (n, W)
+    above = (y < cut_x.view(n, 1, size)).float().unsqueeze(-1)  # (n, H, W, 1)
+    img = above * top_c.unsqueeze(1) + (1 - above) * bot_c.unsqueeze(1)
+    img = img.permute(0, 3, 1, 2)
+    return img + 0.06 * torch.randn(n, 3, size, size, generator=g)
+
+
+def make_topbottom(n: int, size: int = 56, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
+                   return_layout: bool = False):
+    """Scenes whose class is which of two materials lies above the other, with a tall
+    band of label-free clutter between them (and clutter above and below).
+
+    Each image holds two full-width, slightly wavy strata of materials ``a`` and ``b``
+    (from :data:`TB_PAIRS`): ``a`` above ``b`` is one class, ``b`` above ``a`` the other.
+    The strata are 12-18% of the image tall, start anywhere in the top 14%, and are
+    separated by 32-44% of the image, so their order is only readable by units whose
+    receptive field spans most of the image (the last conv group of the experiment
+    network), not by the mid-network layers; their presence alone (what global average
+    pooling keeps) gives at most 50%. The clutter has vertical edges (columns of random
+    width and colour), so x carries structure, but no label information.
+    Returns (n, 3, size, size) roughly in [-1, 1.4] and labels (n,); with ``return_layout``
+    also a dict of the upper and lower stratum masks, (n, 1, size, size) each.
+    """
+    g = generator or torch.Generator().manual_seed(0)
+    if labels is None:
+        labels = torch.randint(len(TB_CLASSES), (n,), generator=g)
+    mats = torch.tensor([c[1] for c in TB_CLASSES])[labels]  # (n, 2): upper, lower
+    layers = [torch.empty(n, 3, size, size) for _ in range(2)]
+    for k in range(2):
+        for m in range(len(MATERIALS)):
+            idx = (mats[:, k] == m).nonzero()[:, 0]
+            if idx.numel():
+                layers[k][idx] = _texture(m, idx.numel(), size, g)
+    clutter = _clutter(n, size, g)
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return (lo + (hi - lo) * torch.rand(n, generator=g)) * size
+
+    y0 = u(0.0, 0.14)
+    y1 = y0 + u(0.12, 0.18)
+    y2 = y1 + u(0.32, 0.44)
+    y3 = y2 + u(0.12, 0.18)
+    y = torch.arange(size).view(1, size, 1).float()
+
+    def below(level):  # (n,1,H,W): 1 on and below the wavy boundary around ``level``
+        return (y >= _boundary(n, size, level, g).unsqueeze(1)).float().unsqueeze(1)
+
+    m0, m1, m2, m3 = below(y0), below(y1), below(y2), below(y3)
+    upper = m0 * (1 - m1)
+    lower = m2 * (1 - m3)
+    img = upper * layers[0] + lower * layers[1] + (1 - upper - lower).clamp(min=0) * clutter
+    img = img * (0.8 + 0.4 * torch.rand(n, 1, 1, 1, generator=g)) + 0.1 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
+    img = img + 0.03 * torch.randn(img.shape, generator=g)
+    img = (img.clamp(0, 1.2) - 0.5) * 2.0
+    if return_layout:
+        return img, labels, {"upper": upper, "lower": lower}
+    return img, labels
+
+
+# ---------------------------------------------------------------------------
+# Photos of upright objects: Fashion-MNIST items on a canvas.
+
+FASHION_CLASSES = tuple((c, ()) for c in (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"))
+_FASHION: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def make_fashion(n: int, size: int = 56, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
+                 split: str = "train"):
+    """Fashion-MNIST photos (Debian's dataset-fashion-mnist) as RGB objects on a canvas.
+
+    Each item is scaled to 6/7 of ``size`` (48 px of 56) and placed at a random offset
+    (up to the remaining margin in x and y), tinted with a random colour on a random dark
+    background, plus sensor noise. The class is the item's category: upright photos
+    whose up/down structure is natural (collars above hems, soles below uppers) while
+    the label is not a vertical relation; the objects have real structure along x too.
+    Training images come from the ``train`` split, test images from ``test``.
+    Returns (n, 3, size, size) roughly in [-1, 1] and labels (n,).
+    """
+    from ..datasets import fashion_mnist
+
+    if split not in _FASHION:
+        _FASHION[split] = fashion_mnist(split)
+    X, Y = _FASHION[split]
+    g = generator or torch.Generator().manual_seed(0)
+    if labels is None:
+        idx = torch.randint(len(X), (n,), generator=g)
+    else:  # the first images of the requested classes (for figures)
+        idx = torch.stack([torch.nonzero(Y == int(c))[i // len(FASHION_CLASSES), 0] for i, c in enumerate(labels)])
+    inner = max(8, round(size * 6 / 7))
+    obj = F.interpolate(X[idx].float().unsqueeze(1) / 255.0, size=(inner, inner), mode="bilinear", align_corners=False)
+    canvas = torch.zeros(n, 1, size, size)
+    dy = torch.randint(0, size - inner + 1, (n,), generator=g)
+    dx = torch.randint(0, size - inner + 1, (n,), generator=g)
+    for i in range(n):
+        canvas[i, :, dy[i] : dy[i] + inner, dx[i] : dx[i] + inner] = obj[i]
+    tint = 0.5 + 0.5 * torch.rand(n, 3, 1, 1, generator=g)
+    bg = 0.3 * torch.rand(n, 3, 1, 1, generator=g)
+    img = bg * (1 - canvas) + tint * canvas + 0.03 * torch.randn(n, 3, size, size, generator=g)
+    return (img - 0.5) * 2.0, Y[idx].clone()
+
+
+# name -> (generator(n, size, generator[, labels][, split]) -> (images, labels), classes)
+DATASETS = {
+    "scenes": (make_scenes, CLASSES),
+    "topbottom": (make_topbottom, TB_CLASSES),
+    "fashion": (make_fashion, FASHION_CLASSES),
+}
