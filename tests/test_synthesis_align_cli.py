@@ -83,6 +83,18 @@ def test_align_command_undoes_a_known_permutation(tmp_path, capsys, make, shape,
         assert torch.equal(got[k], a[k]), k
     for k, v in load_file(mid).items():
         torch.testing.assert_close(v, a[k], rtol=0, atol=1e-6)
+    if fmt == "safetensors":  # the barrier before/after with an evaluation command
+        import sys
+
+        from test_synthesis import PURE_PYTHON_EVAL
+
+        script = tmp_path / "ev.py"
+        script.write_text(PURE_PYTHON_EVAL)  # prints minus the squared norm: loss-like along the path
+        code, stdout, err = run(["align", pa, pb, "--out", tmp_path / "o2.safetensors", "--json", "--points", "3",
+                                 "--eval", f"{sys.executable} {script}"], capsys)
+        assert code == 0, err
+        doc = json.loads(stdout)
+        assert doc["barrier_naive"] > 0 and doc["barrier_aligned"] == pytest.approx(0.0, abs=1e-6)
     # the aligned file computes the same function as B
     twin_b, twin_al = make().eval(), make().eval()
     twin_b.load_state_dict(b)

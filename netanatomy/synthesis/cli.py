@@ -178,6 +178,12 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         max_sweeps: int = typer.Option(100, "--max-sweeps", help="At most this many sweeps of weight matching over the layers."),
         seed: int = typer.Option(0, "--seed", help="Seed of the order in which layers are matched."),
         key: Optional[str] = typer.Option(None, "--key", help="Entry of nested PyTorch checkpoints to read (e.g. model, ema)."),
+        eval_cmd: Optional[str] = typer.Option(
+            None, "--eval", help="Also score the straight paths A-B and A-aligned B with this command ({model} or appended; prints a number last) and print both barriers."
+        ),
+        points: int = typer.Option(5, "--points", help="With --eval: evenly spaced alphas on [0, 1] per path."),
+        higher_is_better: bool = typer.Option(False, "--higher-is-better", help="With --eval: the command prints an accuracy (default: a loss)."),
+        timeout: float = typer.Option(600.0, "--timeout", help="With --eval: seconds allowed per evaluation."),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
     ) -> None:
         """Permute B's hidden units to match A by weight matching (Git Re-Basin). The architecture is inferred from the weights as a plain chain of conv/linear layers with norms; residual connections, attention, grouped convs and anything ambiguous are refused."""
@@ -194,6 +200,8 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
                 raise UserError("--average and --out name the same file")
         if max_sweeps < 1:
             raise UserError("--max-sweeps must be at least 1")
+        if eval_cmd is not None and points < 2:
+            raise UserError("--points must be at least 2")
         ra, rb = open_source(model_a, key=key), open_source(model_b, key=key)
         _same_keys_and_shapes(ra, rb)
         chain, spec = infer_chain(ra)
@@ -209,6 +217,13 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         summary.pop("fixed_spaces", None)
         if mid is not None:
             summary.update({"average": str(mid.path), "average_sha256": mid.file_sha256})
+        if eval_cmd is not None:
+            from .interpolate import interpolate
+
+            for label, other in (("naive", rb), ("aligned", res.aligned)):
+                curve = interpolate(ra, other, eval_cmd, points, timeout=timeout)
+                summary[f"barrier_{label}"] = curve.barrier("score", higher_is_better)
+                summary[f"curve_{label}"] = curve.to_records()
         if json_out:
             from .._util import dumps
 
@@ -222,6 +237,12 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         )
         console.print(f"matching objective (sum of <A, B>): {res.objective_before:.6g} -> {res.objective_after:.6g}", markup=False)
         console.print(f"L2 distance A-B: {res.distance_before:.6g} -> {res.distance_after:.6g}", markup=False)
+        if eval_cmd is not None:
+            kind = "accuracy-like" if higher_is_better else "loss-like"
+            console.print(
+                f"barrier on the straight path ({kind} score, {points} points): {summary['barrier_naive']:.6g} -> {summary['barrier_aligned']:.6g}",
+                markup=False,
+            )
         console.print(f"wrote {written.path} ({written.num_tensors} tensors)", markup=False)
         console.print(f"sha256 {written.file_sha256}  {written.path.name}", markup=False)
         if mid is not None:
