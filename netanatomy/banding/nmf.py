@@ -35,7 +35,7 @@ EPS = 1e-12
 _OVERSAMPLE = 5  # extra random directions in the range finder
 _POWER_ITERS = 1  # power iterations of the range finder
 _SEED = 0  # fixed: the factorisation of a given input is deterministic
-_DEFAULT_CHUNK_BYTES = 4 << 20  # CPU: X of one chunk stays in the last-level cache
+_DEFAULT_CHUNK_BYTES = 8 << 20  # CPU: X of one chunk stays in the last-level cache
 
 
 def posneg(weight: torch.Tensor) -> torch.Tensor:
@@ -304,9 +304,12 @@ def _run(
             n_new = new.shape[0]
             if n_new:
                 d = b.idx.index_select(0, new)
-                Ad, Bd = A.index_select(0, new), B.index_select(0, new)
-                res = torch.baddbmm(X.index_select(0, new), Ad, Bd, alpha=-1)  # the real residual, not the
-                err2 = torch.linalg.vector_norm(res, dim=(1, 2)).double().square()  # cancelling sum above
+                Ad, Bd, err2 = A.index_select(0, new), B.index_select(0, new), e.index_select(0, new)
+                near = (err2 < 1e-2 * b.XX.index_select(0, new)).nonzero().squeeze(1)
+                if near.numel():  # near-exact fits: the sum above cancels; take the real residual
+                    m = new.index_select(0, near)
+                    res = torch.baddbmm(X.index_select(0, m), Ad.index_select(0, near), Bd.index_select(0, near), alpha=-1)
+                    err2.index_copy_(0, near, torch.linalg.vector_norm(res, dim=(1, 2)).double().square())
                 out.err2.index_copy_(0, d, err2)
                 out.A.index_copy_(0, d, Ad)
                 out.B.index_copy_(0, d, Bd)
@@ -347,20 +350,22 @@ def _run(
 def _hals_rows(M: torch.Tensor, G: torch.Tensor, c: torch.Tensor, passes: int) -> None:
     """In place: ``passes`` rounds of exact coordinate minimisation over the rows
     of ``M`` (n,k,L) for ``min ||X - . M||`` given the scaled products
-    ``G = (cross product) / diag`` (n,k,L) and ``c = Gram / diag`` (n,k,k,1)."""
+    ``G = (cross product) / diag`` (n,k,L) and ``c = Gram / diag`` (n,k,k,1).
+    Row j: ``M_j <- max(0, G_j - sum_{i != j} c_ji M_i)``; all views are made
+    once (the batch is small enough that per-call overhead counts)."""
     k = M.shape[1]
-    rows, g, cr = M.unbind(1), G.unbind(1), c.unbind(1)
+    rows, g = M.unbind(1), G.unbind(1)
+    cr = [cj.unbind(1) for cj in c.unbind(1)]  # cr[j][i]: (n,1)
+    plan = [(rows[j], g[j], [(cr[j][i], rows[i]) for i in range(k) if i != j]) for j in range(k)]
     for _ in range(passes):
-        for j in range(k):
-            row, cj = rows[j], cr[j]
-            others = [i for i in range(k) if i != j]
+        for row, gj, others in plan:
             if others:
-                i0 = others[0]
-                torch.addcmul(g[j], cj[:, i0], rows[i0], value=-1, out=row)
-                for i in others[1:]:
-                    row.addcmul_(cj[:, i], rows[i], value=-1)
+                (c0, r0), rest = others[0], others[1:]
+                torch.addcmul(gj, c0, r0, value=-1, out=row)
+                for ci, ri in rest:
+                    row.addcmul_(ci, ri, value=-1)
             else:
-                row.copy_(g[j])
+                row.copy_(gj)
             row.clamp_(min=0)
 
 
@@ -420,14 +425,14 @@ def nmf_batched(
     tol: float = 1e-3,
     check_every: int = 2,
     inner_b: int = 2,
-    inner_a: int = 3,
+    inner_a: int = 2,
     check_input: bool = True,
     chunk_bytes: int | None = None,
 ) -> NMFResult:
     """Factorise each ``X[n]`` (``(N, S, F)``, non-negative) as ``A[n] @ B[n]``.
 
     Neurons are processed in chunks of about ``chunk_bytes`` of input (default:
-    4 MB on the CPU, so that every sweep reads from cache; all at once on a GPU;
+    8 MB on the CPU, so that every sweep reads from cache; all at once on a GPU;
     0 = one chunk). Chunking does not change the result: every neuron is
     solved and stopped on its own (see :func:`_run`).
     """
@@ -450,7 +455,7 @@ def reduce_kernels(
     tol: float = 1e-3,
     check_every: int = 2,
     inner_b: int = 2,
-    inner_a: int = 3,
+    inner_a: int = 2,
     chunk_bytes: int | None = None,
     check_input: bool = False,
 ) -> NMFResult:
