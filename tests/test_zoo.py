@@ -351,3 +351,90 @@ def test_predict_cli_on_the_published_layout(tmp_path, capsys):
     doc = json.loads((tmp_path / "out" / "report.json").read_text())
     assert doc["info"]["kind"] == "smallcnnzoo" and doc["scores"][0]["test_runs"] == 2
     assert doc["scores"][0]["test_rows"] == 6
+
+
+def test_checkpoint_steps_and_discrete_train_fractions(data):
+    cfg = tiny_config(nets=2, group_size=2, checkpoint_steps=(2, 5), train_fractions=(0.25, 1.0),
+                      activations=("relu",), optimizers=("adam",), inits=("he_normal",))
+    assert cfg.epochs == 2 and cfg.schedule() == [2, 5]
+    (key, hps), = plan_groups(cfg)
+    assert all(hp["train_fraction"] in (0.25, 1.0) for hp in hps)
+    snaps, rows = train_stack(hps, cfg, data)
+    assert [r["step"] for r in rows if r["run"] == hps[0]["run"]] == [0, 2, 5]
+    seq_snaps, seq_rows = train_sequential(hps[0], cfg, data)
+    assert [r["step"] for r in seq_rows] == [0, 2, 5]
+    for e in range(3):
+        for name in PARAM_NAMES:
+            torch.testing.assert_close(snaps[e][0][name], seq_snaps[e][name], rtol=1e-4, atol=1e-5)
+    # 2 steps then 3 more differ from 3 per epoch (a real schedule, not steps_per_epoch)
+    plain, _ = train_stack(hps, tiny_config(nets=2, group_size=2, epochs=2, steps_per_epoch=3, train_fractions=(0.25, 1.0),
+                                            activations=("relu",), optimizers=("adam",), inits=("he_normal",)), data)
+    assert not torch.equal(plain[1][0]["conv1.weight"], snaps[1][0]["conv1.weight"])
+    # a zoo described without the new fields keeps its identity (old zoo.json files still resume)
+    old = ZooConfig.from_json({k: v for k, v in tiny_config().to_json().items() if k not in ("checkpoint_steps", "train_fractions")})
+    assert old.identity() == tiny_config().identity()
+    for bad in (dict(checkpoint_steps=(5, 5)), dict(checkpoint_steps=(0, 3)), dict(train_fractions=(0.0,)),
+                dict(lr_range=(0.1, 0.01)), dict(dropout_zero_prob=1.5)):
+        with pytest.raises(UserError):
+            tiny_config(**bad).validate()
+
+
+def test_train_cli_range_options(tmp_path, capsys):
+    from netanatomy.cli import main
+
+    for args, msg in ((["--lr-range", "0.1"], "--lr-range takes 2"), (["--checkpoint-steps", "10,5"], "increasing"),
+                      (["--train-fractions", "0.5,x"], "--train-fractions takes")):
+        with pytest.raises(SystemExit) as exc:
+            main(["zoo", "train", "--out", str(tmp_path / "z"), *args])
+        _, err = capsys.readouterr()
+        assert exc.value.code == 2 and msg in err and "Traceback" not in err
+    assert not (tmp_path / "z").exists()
+
+
+def test_unterthiner_features_and_noise_ceiling():
+    from netanatomy.zoo.features import LayoutEntry, flat_features
+    from netanatomy.zoo.predict import noise_ceiling, select_features
+
+    layout = [LayoutEntry("conv1.weight", 0, 9, (1, 1, 3, 3)), LayoutEntry("conv1.bias", 9, 10, (1,))]
+    X = flat_features(np.random.default_rng(0).normal(size=(5, 10)).astype(np.float32), layout)
+    U = select_features(X, "unterthiner")
+    assert U.shape[1] == 2 * 7 and not any(c.endswith((".l1", ".l2")) for c in U.columns)
+    assert select_features(X, "stats").shape[1] == X.shape[1] == 2 * 9
+    with pytest.raises(UserError):
+        select_features(X, "nope")
+    y = np.random.default_rng(1).uniform(0.6, 0.9, size=300)
+    exact, noisy = noise_ceiling(y, 10**9, reps=20), noise_ceiling(y, 500, reps=20)
+    assert exact["r2"] > 0.9999 and exact["tau"] > 0.999
+    assert noisy["r2"] < exact["r2"] and noisy["tau"] < 0.9 and noisy["n_eval"] == 500
+    # binomial sd at p ~ 0.75 on 500 images
+    assert noisy["noise_sd"] == pytest.approx(np.sqrt(np.mean(y * (1 - y)) / 500), rel=0.01)
+
+
+def test_gbm_tuned_by_grouped_inner_cv_only_sees_its_rows():
+    pytest.importorskip("sklearn")
+    from netanatomy.zoo.predict import GBM_GRID, GroupTunedGBM
+
+    rng = np.random.default_rng(0)
+    n_runs, per = 40, 2
+    runs = np.repeat([f"run{i}" for i in range(n_runs)], per)
+    X = rng.normal(size=(n_runs * per, 4))
+    y = np.tanh(X[:, 1]) + 0.01 * rng.normal(size=len(X))
+    seen = []
+
+    class Spy(GroupTunedGBM):
+        def _model(self, params):
+            m = super()._model({**params, "max_iter": min(params["max_iter"], 60)})
+            fit = m.fit
+
+            def spy_fit(Xa, ya):
+                seen.append(len(ya))
+                return fit(Xa, ya)
+
+            m.fit = spy_fit
+            return m
+
+    g = Spy(seed=0, n_candidates=2).fit(X[:60], y[:60], groups=runs[:60])
+    assert len(g.cv_results_) == 3 and all(set(r) >= set(GBM_GRID) for r in g.cv_results_)
+    assert all(g.best_params_[k] in GBM_GRID[k] for k in GBM_GRID if k != "max_iter")
+    assert max(seen) == 60 and all(n % per == 0 for n in seen)  # inner folds keep runs whole
+    assert g.score(X[60:], y[60:]) > 0.8

@@ -22,6 +22,23 @@ def _csv(value: str, name: str) -> tuple:
     return items
 
 
+def _floats(value: str, name: str, n: int | None = None) -> tuple:
+    try:
+        items = tuple(float(v) for v in _csv(value, name))
+    except ValueError:
+        raise UserError(f"{name} takes comma-separated numbers, got {value!r}") from None
+    if n is not None and len(items) != n:
+        raise UserError(f"{name} takes {n} comma-separated numbers, got {value!r}")
+    return items
+
+
+def _ints(value: str, name: str) -> tuple:
+    try:
+        return tuple(int(v) for v in _csv(value, name))
+    except ValueError:
+        raise UserError(f"{name} takes comma-separated integers, got {value!r}") from None
+
+
 def _progress(label: str):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -62,6 +79,16 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         optimizers: str = typer.Option("sgd,adam,rmsprop", "--optimizers"),
         eval_test: int = typer.Option(3000, "--eval-test", help="Test images used for test accuracy / loss."),
         eval_train: int = typer.Option(500, "--eval-train", help="Images of each net's training subset for train accuracy."),
+        checkpoint_steps: Optional[str] = typer.Option(
+            None, "--checkpoint-steps",
+            help="Comma-separated cumulative optimiser steps to checkpoint at (replaces --epochs/--steps-per-epoch), e.g. 120,360,1050,2100."),
+        train_fractions: Optional[str] = typer.Option(
+            None, "--train-fractions", help="Draw each net's train fraction from these values (Small CNN Zoo: 0.1,0.25,0.5,1.0) instead of U[0.1, 1]."),
+        lr_range: str = typer.Option("5e-4,5e-2", "--lr-range", help="Learning rate range LOW,HIGH (log-uniform)."),
+        l2_range: str = typer.Option("1e-8,1e-2", "--l2-range", help="L2 / weight decay range LOW,HIGH (log-uniform)."),
+        init_std_range: str = typer.Option("1e-3,0.5", "--init-std-range", help="Init std range LOW,HIGH (log-uniform) for normal inits."),
+        dropout_max: float = typer.Option(0.5, "--dropout-max", help="Dropout rate drawn from U[0, MAX] ..."),
+        dropout_zero_prob: float = typer.Option(0.3, "--dropout-zero-prob", help="... or 0 with this probability."),
         quick: bool = typer.Option(False, "--quick", help="A smoke-test zoo: 12 nets, 2 epochs of 5 steps."),
         time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Stop after this many minutes (re-run to continue)."),
         ray: Optional[str] = RayOpt,
@@ -75,9 +102,15 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
             nets=nets, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
             group_size=group_size, activations=_csv(activations, "--activations"),
             optimizers=_csv(optimizers, "--optimizers"), eval_test=eval_test, eval_train=eval_train,
+            lr_range=_floats(lr_range, "--lr-range", 2), l2_range=_floats(l2_range, "--l2-range", 2),
+            init_std_range=_floats(init_std_range, "--init-std-range", 2),
+            dropout_max=dropout_max, dropout_zero_prob=dropout_zero_prob,
+            checkpoint_steps=None if checkpoint_steps is None else _ints(checkpoint_steps, "--checkpoint-steps"),
+            train_fractions=None if train_fractions is None else _floats(train_fractions, "--train-fractions"),
         )
         if quick:
             cfg.nets, cfg.epochs, cfg.steps_per_epoch, cfg.eval_test, cfg.eval_train, cfg.group_size = 12, 2, 5, 500, 200, 4
+            cfg.checkpoint_steps = None
         cfg.validate()
         import time
 
@@ -137,6 +170,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         test_fraction: float = typer.Option(0.2, "--test-fraction", help="Fraction of runs held out per split."),
         seed: int = typer.Option(0, "--seed"),
         esd: bool = typer.Option(False, "--esd", help="Add per-layer ESD metrics (netanatomy.spectral) to the features."),
+        features: str = typer.Option("stats", "--features", help="stats (per tensor mean, std, 5 percentiles, L1, L2) or unterthiner (their 7 statistics per tensor)."),
         out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: ZOO/predict)."),
         ray: Optional[str] = RayOpt,
         workers: Optional[int] = WorkersOpt,
@@ -150,6 +184,10 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         for p in preds:
             if p not in PREDICTORS:
                 raise UserError(f"unknown predictor {p!r}; choose from {', '.join(PREDICTORS)}")
+        from .predict import FEATURE_SETS
+
+        if features not in FEATURE_SETS:
+            raise UserError(f"unknown --features {features!r}; choose from {', '.join(FEATURE_SETS)}")
         if not 0 < test_fraction < 1:
             raise UserError("--test-fraction must lie in (0, 1)")
         if splits < 1:
@@ -157,7 +195,8 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         selections = tuple(s.strip() for s in epochs.split("+") if s.strip())
         prog, cb = _progress("features")
         with get_executor(ray, 0 if workers is None else workers) as ex, prog:
-            rep = predict_zoo(zoo, target, selections, preds, splits, test_fraction, seed, esd, ex, progress=cb)
+            rep = predict_zoo(zoo, target, selections, preds, splits, test_fraction, seed, esd, ex, progress=cb,
+                              feature_set=features)
         out_dir = out or (zoo / "predict")
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "report.json", dumps(rep.to_json(), indent=1))
@@ -177,6 +216,9 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         lines = [f"{r['selection']:>8} {r['predictor']:>6}: R2 {r['r2_mean']:.4f} (sd {r['r2_std']:.4f}), "
                  f"tau {r['tau_mean']:.4f} (sd {r['tau_std']:.4f}) over {r['splits']} splits, {r['test_runs']:.0f} held-out runs"
                  for r in summ.to_dict("records")]
+        for sel, c in rep.info.get("noise_ceiling", {}).items():
+            lines.append(f"{sel:>8} noise ceiling (test accuracy on {c['n_eval']} images, binomial sd {c['noise_sd']:.4f}): "
+                         f"R2 {c['r2']:.4f}, tau {c['tau']:.4f}")
         top = ", ".join(f"{f} {v:.3f}" for f, v in zip(rep.importances["feature"][:5], rep.importances["importance"][:5]))
         _out("\n".join(lines) + (f"\ntop features (gbm permutation importance): {top}" if top else "") + f"\nwrote {out_dir}")
 

@@ -9,7 +9,18 @@ the ``ml`` extra, imported lazily):
 
 * ``linear``: ridge regression on standardised features;
 * ``gbm``: histogram gradient boosting;
-* ``mlp``: a two-hidden-layer perceptron on standardised features.
+* ``mlp``: a two-hidden-layer perceptron on standardised features;
+* ``gbm-cv``: histogram gradient boosting whose hyper-parameters (rounds,
+  learning rate, tree size, leaf size, L2) are chosen by an inner 3-fold
+  cross-validation grouped by run, on the training runs of the split only
+  (the held-out runs never take part in the choice).
+
+Feature sets: ``stats`` (per tensor mean, std, 0/25/50/75/100th percentiles,
+L1 and L2 norm) or ``unterthiner`` (their exact set: the same without the two
+norms, 7 statistics x 8 tensors = 56 features); ``--esd`` adds ESD metrics.
+
+:func:`noise_ceiling` bounds the scores any predictor can reach when the target
+is an accuracy measured on ``n`` test images (binomial sampling noise).
 
 Scores on the held-out runs: R^2 and Kendall's tau; feature importance is the
 permutation importance of the boosting model on the held-out rows.
@@ -26,7 +37,9 @@ import numpy as np
 
 from ..errors import UserError
 
-PREDICTORS = ("linear", "gbm", "mlp")
+PREDICTORS = ("linear", "gbm", "mlp", "gbm-cv")
+FEATURE_SETS = ("stats", "unterthiner")
+UNTERTHINER_STATS = ("mean", "std", "q0", "q25", "q50", "q75", "q100")
 
 
 def _sklearn():
@@ -86,7 +99,111 @@ def make_predictor(name: str, seed: int = 0):
             MLPRegressor(hidden_layer_sizes=(128, 64), alpha=1e-2, learning_rate_init=1e-3, max_iter=2000,
                          early_stopping=True, validation_fraction=0.15, n_iter_no_change=50, random_state=seed),
         ))
+    if name == "gbm-cv":
+        return GroupTunedGBM(seed=seed)
     raise UserError(f"unknown predictor {name!r}; choose from {', '.join(PREDICTORS)}")
+
+
+# the inner-CV search space of ``gbm-cv`` (a fixed random subset of this grid)
+GBM_GRID = {
+    "learning_rate": (0.02, 0.05, 0.1),
+    "max_iter": (300, 1000, 2000),
+    "max_leaf_nodes": (7, 15, 31, 63),
+    "min_samples_leaf": (3, 10, 20),
+    "l2_regularization": (0.0, 1e-3, 1.0),
+}
+
+
+class GroupTunedGBM:
+    """Gradient boosting tuned by inner cross-validation grouped by run.
+
+    ``fit(X, y, groups)`` scores ``n_candidates`` settings drawn (with a fixed
+    seed) from :data:`GBM_GRID` by 3-fold ``GroupKFold`` on the given rows only,
+    then refits the best on all of them. Nothing outside ``X`` is looked at."""
+
+    needs_groups = True
+
+    def __init__(self, seed: int = 0, n_candidates: int = 14, folds: int = 3):
+        self.seed, self.n_candidates, self.folds = seed, n_candidates, folds
+
+    def candidates(self) -> list[dict]:
+        import itertools
+
+        keys = list(GBM_GRID)
+        grid = [dict(zip(keys, v)) for v in itertools.product(*(GBM_GRID[k] for k in keys))]
+        rng = np.random.default_rng(12345)  # the same candidates for every split
+        pick = rng.choice(len(grid), size=min(self.n_candidates, len(grid)), replace=False)
+        default = {"learning_rate": 0.05, "max_iter": 500, "max_leaf_nodes": 31, "min_samples_leaf": 10,
+                   "l2_regularization": 1e-3}
+        return [default] + [grid[i] for i in sorted(pick)]
+
+    def _model(self, params: dict):
+        from sklearn.ensemble import HistGradientBoostingRegressor
+
+        return HistGradientBoostingRegressor(random_state=self.seed, **params)
+
+    def fit(self, X, y, groups=None):
+        from sklearn.metrics import mean_squared_error
+        from sklearn.model_selection import GroupKFold, KFold
+
+        X, y = np.asarray(X), np.asarray(y)
+        groups = np.arange(len(y)) if groups is None else np.asarray([str(g) for g in groups])
+        n_groups = len(np.unique(groups))
+        folds = min(self.folds, n_groups)
+        cands = self.candidates()
+        self.cv_results_ = []
+        if folds >= 2:
+            splitter = GroupKFold(n_splits=folds) if n_groups < len(y) else KFold(folds, shuffle=True, random_state=self.seed)
+            parts = list(splitter.split(X, y, groups))
+            for params in cands:
+                errs = []
+                for tr, va in parts:
+                    m = self._model(params).fit(X[tr], y[tr])
+                    errs.append(mean_squared_error(y[va], m.predict(X[va])))
+                self.cv_results_.append({**params, "cv_mse": float(np.mean(errs))})
+            self.best_params_ = min(self.cv_results_, key=lambda r: r["cv_mse"])
+            self.best_params_ = {k: v for k, v in self.best_params_.items() if k != "cv_mse"}
+        else:
+            self.best_params_ = cands[0]
+        self.model_ = self._model(self.best_params_).fit(X, y)
+        return self
+
+    def predict(self, X):
+        return self.model_.predict(np.asarray(X))
+
+    def score(self, X, y):
+        from sklearn.metrics import r2_score
+
+        return r2_score(y, self.predict(X))
+
+
+def select_features(X, feature_set: str = "stats"):
+    """Columns of a feature table for one feature set (``stats`` keeps all)."""
+    if feature_set not in FEATURE_SETS:
+        raise UserError(f"unknown feature set {feature_set!r}; choose from {', '.join(FEATURE_SETS)}")
+    if feature_set == "stats":
+        return X
+    keep = [c for c in X.columns if str(c).rsplit(".", 1)[-1] in UNTERTHINER_STATS
+            and str(c).count(".") == 2 and not str(c).startswith("esd")]
+    esd = [c for c in X.columns if c not in keep and (str(c).startswith("esd") or str(c).count(".") != 2)]
+    return X[keep + esd]
+
+
+def noise_ceiling(y, n_eval: int, reps: int = 200, seed: int = 0) -> dict:
+    """Best R^2 and Kendall tau a predictor of the *true* accuracy can score against
+    accuracies measured on ``n_eval`` test images (independent binomial noise,
+    sd sqrt(p(1-p)/n)); the observed accuracies stand in for the true ones."""
+    y = np.asarray(y, dtype=float)
+    y = y[np.isfinite(y)]
+    if len(y) < 3 or n_eval < 1:
+        return {"n_eval": int(n_eval), "r2": math.nan, "tau": math.nan, "tau_sd": math.nan, "noise_sd": math.nan}
+    p = np.clip(y, 0.5 / n_eval, 1 - 0.5 / n_eval)
+    sd = np.sqrt(p * (1 - p) / n_eval)
+    rng = np.random.default_rng(seed)
+    taus = [kendall_tau(p, p + sd * rng.standard_normal(len(p))) for _ in range(reps)]
+    var = float(np.var(y))
+    return {"n_eval": int(n_eval), "r2": float(1 - np.mean(sd**2) / var) if var > 0 else math.nan,
+            "tau": float(np.mean(taus)), "tau_sd": float(np.std(taus)), "noise_sd": float(np.sqrt(np.mean(sd**2)))}
 
 
 def split_by_run(runs: Sequence, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -189,6 +306,14 @@ def fit_and_score(
                               importance_repeats)
 
 
+def importance_of(predictors: Sequence[str]) -> str | None:
+    """The predictor whose permutation importances are reported: gbm, else gbm-cv."""
+    for name in ("gbm", "gbm-cv"):
+        if name in predictors:
+            return name
+    return None
+
+
 def _fit_and_score(X, y, runs, meta, predictors, splits, test_fraction, seed, selection, importance, importance_repeats):
     import pandas as pd
     from sklearn.metrics import r2_score
@@ -199,18 +324,22 @@ def _fit_and_score(X, y, runs, meta, predictors, splits, test_fraction, seed, se
         assert not (set(runs[tr]) & set(runs[te]))
         for name in predictors:
             model = make_predictor(name, seed + s)
-            model.fit(X[tr].to_numpy(), y[tr])
+            if getattr(model, "needs_groups", False):
+                model.fit(X[tr].to_numpy(), y[tr], groups=runs[tr])
+            else:
+                model.fit(X[tr].to_numpy(), y[tr])
             p = model.predict(X[te].to_numpy())
             scores.append({
                 "selection": selection, "split": s, "predictor": name,
                 "r2": float(r2_score(y[te], p)), "tau": kendall_tau(y[te], p),
                 "train_rows": int(tr.sum()), "test_rows": int(te.sum()),
                 "train_runs": int(len(set(runs[tr]))), "test_runs": int(len(set(runs[te]))),
+                **({"params": dict(model.best_params_)} if hasattr(model, "best_params_") else {}),
             })
             preds.append(pd.DataFrame({"selection": selection, "split": s, "predictor": name, "run": runs[te],
                                        **{c: meta.loc[te, c].to_numpy() for c in meta.columns if c != "run"},
                                        "y_true": y[te], "y_pred": p}))
-            if importance and name == "gbm":
+            if importance and name == importance_of(predictors):
                 from sklearn.inspection import permutation_importance
 
                 r = permutation_importance(model, X[te].to_numpy(), y[te], n_repeats=importance_repeats,
@@ -301,6 +430,7 @@ def predict_zoo(
     executor=None,
     cache: bool = True,
     progress=None,
+    feature_set: str = "stats",
 ) -> PredictionReport:
     """Open a zoo, compute features, fit and score the predictors for each row selection."""
     import pandas as pd
@@ -308,6 +438,8 @@ def predict_zoo(
     from .features import open_zoo
 
     _sklearn()
+    if feature_set not in FEATURE_SETS:
+        raise UserError(f"unknown feature set {feature_set!r}; choose from {', '.join(FEATURE_SETS)}")
     zoo = open_zoo(path)
     df = zoo.metrics
     if target not in df.columns:
@@ -321,7 +453,9 @@ def predict_zoo(
     rows = np.flatnonzero(union)
     cache_dir = (Path(path) / "features") if cache and zoo.kind == "netanatomy" else None
     feats = zoo_features(zoo, rows, cache_dir=cache_dir, executor=executor, esd=esd, progress=progress)
-    reports = []
+    feats = select_features(feats, feature_set)
+    n_eval = eval_test_size(zoo)
+    reports, ceilings = [], {}
     meta_cols = [c for c in ("run", "epoch") if c in df.columns]
     for sel, m in masks.items():
         r = np.flatnonzero(m & union)
@@ -329,14 +463,31 @@ def predict_zoo(
         y = pd.to_numeric(df[target].iloc[r], errors="coerce").to_numpy(dtype=float)
         reports.append(fit_and_score(X, y, df["run"].iloc[r].to_numpy(), df[meta_cols].iloc[r].reset_index(drop=True),
                                      predictors, splits, test_fraction, seed, selection=sel))
+        if n_eval:
+            ceilings[sel] = noise_ceiling(y, n_eval)
     scores = [s for rep in reports for s in rep.scores]
     preds = pd.concat([rep.predictions for rep in reports], ignore_index=True)
     imp = reports[0].importances
     info = {"zoo": str(path), "kind": zoo.kind, "target": target, "selections": list(selections),
-            "splits": splits, "test_fraction": test_fraction, "esd": esd,
+            "splits": splits, "test_fraction": test_fraction, "esd": esd, "feature_set": feature_set,
+            "features": int(feats.shape[1]), "noise_ceiling": ceilings,
             "rows": {sel: rep.info for sel, rep in zip(selections, reports)},
             "excluded_diverged": int(df["diverged"].fillna(False).astype(bool).sum()) if "diverged" in df.columns else 0}
     return PredictionReport(scores, preds, imp, info)
+
+
+def eval_test_size(zoo) -> int | None:
+    """Test images behind the zoo's test accuracies: ours from zoo.json (capped by
+    the 10,000 Fashion-MNIST test images), the Small CNN Zoo's full test set."""
+    import json
+
+    if zoo.kind != "netanatomy":
+        return 10000
+    try:
+        cfg = json.loads((Path(zoo.root) / "zoo.json").read_text())["config"]
+        return int(min(int(cfg.get("eval_test", 10000)), 10000))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # ---------------------------------------------------------------------------

@@ -68,10 +68,28 @@ class ZooConfig:
     eval_train: int = 1000  # images of each net's own training subset for train acc / loss
     eval_test: int = 10000  # first N test images for test acc / loss
     dataset: str = "fashion_mnist"
+    # Optional: checkpoint after these cumulative optimiser steps instead of every
+    # ``steps_per_epoch`` steps (checkpoint i is "epoch" i; epoch 0 = init).
+    checkpoint_steps: tuple | None = None
+    # Optional: draw the train fraction from these values (the Small CNN Zoo uses
+    # 0.1, 0.25, 0.5, 1.0) instead of uniformly from ``train_fraction_range``.
+    train_fractions: tuple | None = None
 
     def __post_init__(self) -> None:
         for name in ("activations", "optimizers", "inits", "lr_range", "l2_range", "init_std_range", "train_fraction_range"):
             setattr(self, name, tuple(getattr(self, name)))
+        for name in ("checkpoint_steps", "train_fractions"):
+            v = getattr(self, name)
+            setattr(self, name, None if v is None else tuple(v))
+        if self.checkpoint_steps:
+            self.checkpoint_steps = tuple(int(s) for s in self.checkpoint_steps)
+            self.epochs = len(self.checkpoint_steps)
+
+    def schedule(self) -> list[int]:
+        """Cumulative optimiser steps at checkpoints 1..epochs."""
+        if self.checkpoint_steps:
+            return list(self.checkpoint_steps)
+        return [e * self.steps_per_epoch for e in range(1, self.epochs + 1)]
 
     def validate(self) -> None:
         from ..errors import UserError
@@ -90,8 +108,21 @@ class ZooConfig:
         lo, hi = self.train_fraction_range
         if not (0 < lo <= hi <= 1):
             raise UserError("train fraction range must lie in (0, 1]")
+        if self.train_fractions is not None:
+            if not self.train_fractions or not all(0 < float(f) <= 1 for f in self.train_fractions):
+                raise UserError("train fractions must lie in (0, 1]")
+        if self.checkpoint_steps is not None:
+            cs = list(self.checkpoint_steps)
+            if not cs or cs[0] < 1 or any(b <= a for a, b in zip(cs, cs[1:])):
+                raise UserError("checkpoint steps must be increasing positive step counts, e.g. 100,300,1000")
+        for name in ("lr_range", "l2_range", "init_std_range"):
+            lo, hi = getattr(self, name)
+            if not (0 < lo <= hi):
+                raise UserError(f"{name.replace('_', ' ')} must be 0 < low <= high (sampled log-uniformly)")
         if not (0 <= self.dropout_max < 1):
             raise UserError("dropout max must lie in [0, 1)")
+        if not (0 <= self.dropout_zero_prob <= 1):
+            raise UserError("dropout zero probability must lie in [0, 1]")
 
     def to_json(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -138,7 +169,8 @@ def sample_hparams(config: ZooConfig, index: int) -> dict:
         "lr": loguni(*config.lr_range),
         "l2": loguni(*config.l2_range),
         "dropout": dropout,
-        "train_fraction": float(rng.uniform(*config.train_fraction_range)),
+        "train_fraction": (float(config.train_fractions[int(rng.integers(len(config.train_fractions)))])
+                           if config.train_fractions else float(rng.uniform(*config.train_fraction_range))),
         "seed": seed,
     }
 
@@ -435,8 +467,10 @@ def train_stack(hps: list[dict], config: ZooConfig, data: ZooData):
 
     snaps = [snapshot()]
     metrics = [evaluate_stack(p, act, data, rngs, config)]
+    schedule = config.schedule()
+    done = 0
     for epoch in range(1, config.epochs + 1):
-        for _ in range(config.steps_per_epoch):
+        for _ in range(schedule[epoch - 1] - done):
             idx = []
             masks: list[list] = [[], [], []]
             for r, d in zip(rngs, drops):
@@ -457,12 +491,14 @@ def train_stack(hps: list[dict], config: ZooConfig, data: ZooData):
             loss = F.cross_entropy(logits.permute(0, 2, 1), y.t(), reduction="none").mean(0).sum()
             loss.backward()
             opt.step()
+        done = schedule[epoch - 1]
         snaps.append(snapshot())
         metrics.append(evaluate_stack(p, act, data, rngs, config))
+    steps = [0, *schedule]
     rows = []
     for e, per_net in enumerate(metrics):
         for k, hp in enumerate(hps):
-            rows.append({"run": hp["run"], "epoch": e, "step": e * config.steps_per_epoch, **per_net[k]})
+            rows.append({"run": hp["run"], "epoch": e, "step": steps[e], **per_net[k]})
     return snaps, rows
 
 
@@ -507,16 +543,19 @@ def train_sequential(hp: dict, config: ZooConfig, data: ZooData) -> tuple[list[d
             return evaluate_stack(p, _act(hp["activation"]), data, [r], config)[0]
 
     snaps, rows = [snap()], [{"run": hp["run"], "epoch": 0, "step": 0, **evaluate()}]
+    schedule = config.schedule()
+    done = 0
     for epoch in range(1, config.epochs + 1):
-        for _ in range(config.steps_per_epoch):
+        for _ in range(schedule[epoch - 1] - done):
             idx = r.batch(B)
             masks = [r.mask(s, d) for s in shapes]
             loss = F.cross_entropy(net(data.x_train[idx], masks), data.y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+        done = schedule[epoch - 1]
         snaps.append(snap())
-        rows.append({"run": hp["run"], "epoch": epoch, "step": epoch * config.steps_per_epoch, **evaluate()})
+        rows.append({"run": hp["run"], "epoch": epoch, "step": done, **evaluate()})
     return snaps, rows
 
 
