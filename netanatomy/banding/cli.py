@@ -10,6 +10,14 @@ import typer
 from ..errors import UserError
 
 
+def _command(args: list[str]) -> str | None:
+    """The command that regenerates the results (``--rescore`` dropped: the file says how to rescore)."""
+    import shlex
+
+    args = [a for a in args if a != "--rescore"]
+    return "netanatomy experiment banding " + " ".join(shlex.quote(a) for a in args) if args else None
+
+
 def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
     @experiment_app.command("banding")
     def banding_experiment(
@@ -22,7 +30,6 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         weights: Optional[Path] = typer.Option(None, "--weights", help="directory of the trained weights (default OUT/banding_weights)"),
     ) -> None:
         """Train the simplified network under the article's interventions and write the banding table and pictures."""
-        import shlex
         import sys
 
         import torch
@@ -49,7 +56,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
             typer.echo(msg, err=True)
 
         res = run_experiment(config, out, interventions=chosen, log=log, reuse=not retrain, weights=weights, rescore=rescore,
-                             command="netanatomy experiment banding " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if len(sys.argv) > 3 else None)
+                             command=_command(sys.argv[3:]))
         for f in res.findings:
             typer.echo(f"{f['intervention']}: {'reproduced' if f['reproduced'] else 'not reproduced'} - {f['evidence']}")
         from .report import prefix_for

@@ -83,6 +83,9 @@ CONFIGS = {
     # random horizontal flips as in ImageNet training), AdamW; about 200 CPU seconds a run
     "fashion": ExperimentConfig(name="fashion", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=1200,
                                 lr=3e-3, optimizer="adamw", data="fashion", flip=True),
+    # the same with another seed (initial weights and data order), baseline only: how much the headline moves
+    "fashion_seed1": ExperimentConfig(name="fashion_seed1", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=1200,
+                                      lr=3e-3, optimizer="adamw", data="fashion", flip=True, seed=1, interventions=("baseline",)),
     # what the article's shape asks for at CPU scale; about 25 minutes a run on one free core
     "full": ExperimentConfig(),
     # the budget of a shared 2-core machine: narrower, 3x3 everywhere, 500 steps (about 6 minutes a run while the machine is shared)

@@ -112,7 +112,8 @@ def markdown(res, files: dict[str, str], command: str) -> str:
     cfg = res.config
     L = []
     L.append("# Weight banding: the article's interventions at CPU scale\n")
-    L.append(f"Regenerate: `{command}`\n")
+    L.append(f"Regenerate: `{command}` (trains only the runs missing from the weights directory; add `--rescore` "
+             "to recompute the tables and pictures from the saved weights without training)\n")
     L.append(
         f"Config `{cfg.name}`: {cfg.size}x{cfg.size} RGB inputs; convs {', '.join(f'{w}({k}x{k})' for w, k in zip(cfg.widths, cfg.kernels))} "
         f"(conv1 | L2 pool | conv2 | L2 pool | 3a 3b | L2 pool | 5a 5b | head | FC), batch norm after every conv, "
