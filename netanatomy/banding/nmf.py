@@ -34,6 +34,7 @@ import torch
 EPS = 1e-12
 _OVERSAMPLE = 5  # extra random directions in the range finder
 _POWER_ITERS = 1  # power iterations of the range finder
+_COMPACT_AT = 4  # drop finished rows from a batch once 1/4 of it is finished
 _SEED = 0  # fixed: the factorisation of a given input is deterministic
 _DEFAULT_CHUNK_BYTES = 8 << 20  # CPU: X of one chunk stays in the last-level cache
 
@@ -323,7 +324,7 @@ def _run(
                 b.compact()
                 b.checked = True
                 return b
-            if n_rows - b.n_alive >= max(1, n_rows // 4):
+            if n_rows - b.n_alive >= max(1, n_rows // _COMPACT_AT):
                 keep = b.alive.nonzero().squeeze(1)
                 b.compact()
                 A, B, X = b.A, b.B, b.X
