@@ -28,8 +28,15 @@ neurons); 0 = all neurons.
 
 from __future__ import annotations
 
-import argparse
 import os
+
+# Idle OpenMP threads sleep instead of spinning: on a shared, oversubscribed
+# machine spinning threads steal the core from the thread they wait for (measured
+# here under load ~7 on 2 cores: 2-thread runs 16 s spinning vs 0.4 s passive).
+# Must be set before torch / numpy load their OpenMP runtimes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
 import statistics
 import sys
 import time
@@ -135,7 +142,7 @@ def main() -> None:
     a = ap.parse_args()
     all_threads = a.threads or torch.get_num_threads()
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores; "
-          "machine shared, timings noisy)")
+          f"machine shared, timings noisy); OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
     print(f"layer: {a.neurons} neurons x {a.channels} input channels x {a.kernel}x{a.kernel}, 3 components, float32 "
           f"both sides; ours: median of {a.repeats} runs with 1 torch thread and with {all_threads}; "
           "sklearn: 1 thread (BLAS/OpenMP limited by threadpoolctl), "

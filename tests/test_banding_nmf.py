@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from netanatomy.banding.nmf import NMFResult, _top_svd, nmf_batched, posneg, reduce_kernels
+from netanatomy.banding.nmf import (
+    NMFResult,
+    _top_svd,
+    nmf_batched,
+    posneg,
+    reduce_kernels,
+)
 
 
 def _kernels(n: int, c: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -148,7 +154,7 @@ def test_stopping_rule():
 def test_randomized_start_finds_the_leading_singular_values():
     w = _kernels(6, 30, 5, seed=10)
     X = posneg(w).contiguous()
-    U, S, Vh = _top_svd(X, 3)
+    U, S, _ = _top_svd(X, 3)
     exact = torch.linalg.svdvals(X.double())[:, :3].float()
     # Ritz values never exceed the true singular values; the leading one (the
     # non-negative matrix's mean direction) is found almost exactly, the next

@@ -142,7 +142,7 @@ def _top_svd(X: torch.Tensor, k: int, omega: torch.Tensor | None = None) -> tupl
     four thin products with X instead of the ``S x S`` Gram matrix and an
     ``S x S`` eigendecomposition per neuron (both slow for many small matrices).
     """
-    n, s, f = X.shape
+    _, s, f = X.shape
     r = k + _OVERSAMPLE
     if f < s and f <= r:  # short-and-tall: exact from the F x F Gram
         U, S, Vh = _top_svd_gram(X.transpose(1, 2), k)
@@ -285,7 +285,6 @@ def _run(
     ``out`` and it leaves the batch. Each neuron's trajectory depends on its
     own data only, never on the other rows of the batch.
     """
-    k = b.A.shape[2]
     it_hi = int(b.its.max())
     while True:
         A, B, X = b.A, b.B, b.X
