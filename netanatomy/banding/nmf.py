@@ -331,7 +331,14 @@ def _true_sq_error(X: torch.Tensor, XX: torch.Tensor, A: torch.Tensor, B: torch.
 
 
 def _run(
-    b: _Batch, out: _Out, max_iter: int, check_every: int, inner_b: int, inner_a: int, pause_below: int = 0
+    b: _Batch,
+    out: _Out,
+    max_iter: int,
+    check_every: int,
+    inner_b: int,
+    inner_a: int,
+    pause_below: int = 0,
+    defer_err: bool = False,
 ) -> _Batch | None:
     """HALS sweeps on a batch until every neuron is done (returns None) or, when
     ``pause_below > 0``, until fewer than ``pause_below`` neurons are left
@@ -344,7 +351,8 @@ def _run(
     a neuron whose error fell by less than ``tol * check_every * ||X||^2``, or
     that has made ``max_iter`` sweeps, is done: its factors and true error are
     stored in ``out`` and it leaves the batch. Each neuron's trajectory depends
-    on its own data only, never on the other rows of the batch.
+    on its own data only, never on the other rows of the batch. With
+    ``defer_err`` the true errors of finished neurons are left to the caller.
     """
     it_hi = int(b.its.max())
     while True:
@@ -366,8 +374,9 @@ def _run(
             if n_new:
                 d = b.idx.index_select(0, new)
                 Ad, Bd = A.index_select(0, new), B.index_select(0, new)
-                Xd = b.X.index_select(0, b.xrow.index_select(0, new))
-                out.err2.index_copy_(0, d, _true_sq_error(Xd, b.XX.index_select(0, new), Ad, Bd))
+                if not defer_err:  # else the caller computes it for the whole chunk at once
+                    Xd = b.X.index_select(0, b.xrow.index_select(0, new))
+                    out.err2.index_copy_(0, d, _true_sq_error(Xd, b.XX.index_select(0, new), Ad, Bd))
                 out.A.index_copy_(0, d, Ad)
                 out.B.index_copy_(0, d, Bd)
                 out.sweeps.index_copy_(0, d, b.its.index_select(0, new))
@@ -466,8 +475,13 @@ def _drive(
     for i in range(0, n, step):
         j = min(n, i + step)
         idx = torch.arange(i, j, device=like.device)
-        b = _start(chunk_x(i, j), idx, k, tol, check_every, om)
-        rest = _run(b, out, max_iter, check_every, inner_b, inner_a, pause)
+        xc = chunk_x(i, j)
+        b = _start(xc, idx, k, tol, check_every, om)
+        XX = b.XX
+        rest = _run(b, out, max_iter, check_every, inner_b, inner_a, pause, defer_err=True)
+        # true errors of the chunk's finished neurons from one product with the chunk
+        # (stragglers get theirs when they finish)
+        out.err2[i:j] = _true_sq_error(xc, XX, out.A[i:j], out.B[i:j])
         if rest is not None:
             pool.append(rest)
         if sum(p.n_alive for p in pool) >= step and j < n:
@@ -483,7 +497,7 @@ def nmf_batched(
     k: int = 3,
     max_iter: int = 200,
     tol: float = 1e-3,
-    check_every: int = 2,
+    check_every: int = 3,
     inner_b: int = 2,
     inner_a: int = 2,
     check_input: bool = True,
@@ -513,7 +527,7 @@ def reduce_kernels(
     k: int = 3,
     max_iter: int = 200,
     tol: float = 1e-3,
-    check_every: int = 2,
+    check_every: int = 3,
     inner_b: int = 2,
     inner_a: int = 2,
     chunk_bytes: int | None = None,
