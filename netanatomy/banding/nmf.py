@@ -163,6 +163,12 @@ def _range_basis(X: torch.Tensor, r: int, omega: torch.Tensor | None = None) -> 
     om = omega if omega is not None and omega.shape == (r, f) else _omega(f, r, X)  # (r, F)
     Xt = X.transpose(1, 2)
     Y = torch.matmul(om, Xt).transpose(1, 2)  # X @ om^T: (n,S,r)
+    return _range_basis_from(X, Y)
+
+
+def _range_basis_from(X: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_range_basis` given the first product ``Y = X @ om^T``."""
+    Xt = X.transpose(1, 2)
     for _ in range(_POWER_ITERS):
         Q = torch.linalg.qr(Y).Q
         Z = torch.bmm(Q.transpose(1, 2), X)  # (n,r,F)
@@ -305,11 +311,17 @@ def _start(
     r = k + _OVERSAMPLE
     Q = Y = None
     if r < s <= f:
-        Q, Y = _range_basis(X, r, omega)
+        # the test matrix gets one more row of ones: the first product then also
+        # gives X's row sums (for the mean NNDSVDa needs) without another pass
+        om = omega if omega is not None and omega.shape == (r, f) else _omega(f, r, X)
+        Y1 = torch.matmul(torch.cat([om, om.new_ones(1, f)]), X.transpose(1, 2))  # (n,r+1,S)
+        total = Y1[:, r, :].sum(dim=1)
+        Q, Y = _range_basis_from(X, Y1[:, :r, :].transpose(1, 2))
         U, S, Vh = _svd_from_basis(Q, Y, k)
     else:
         U, S, Vh = _top_svd(X, k, omega)
-    avg = (X.sum(dim=(1, 2)) / max(1, s * f)).view(n, 1, 1)
+        total = X.sum(dim=(1, 2))
+    avg = (total / max(1, s * f)).view(n, 1, 1)
     A, B = _nndsvda_from_svd(U, S, Vh, avg, k)
     YY = XX if Y is None else torch.linalg.vector_norm(Y, dim=(1, 2)).double().square()
     prev = torch.full((n,), float("inf"), dtype=torch.float64, device=X.device)
