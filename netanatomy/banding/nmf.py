@@ -18,11 +18,17 @@ over B per product ``A^T X`` (accelerated HALS, Gillis & Glineur 2012: the
 extra passes use only the small products), started from NNDSVDa
 (scikit-learn's default start). The leading singular vectors NNDSVDa needs come
 from a batched randomized range finder (one power iteration) with an exact
-Rayleigh-Ritz step on a small ``r x r`` matrix, or from the exact small Gram
-matrix when ``min(S, F)`` is small. Each neuron stops on its own when its error
-no longer decreases (relative tolerance ``tol``); stopped neurons leave the
-batch, so a neuron's result does not depend on which other neurons share its
-batch.
+Rayleigh-Ritz step on a small ``r x r`` matrix (r = k + 5), or from the exact
+small Gram matrix when ``min(S, F)`` is small. When the range finder is used,
+the sweeps fit the projection of X on its ``r``-dimensional basis, so that
+each product reads ``r x F`` instead of ``S x F`` numbers per neuron (see
+:func:`_start`); the error reported is always the true ``||X - AB||``. Each
+neuron stops on its own when its error no longer decreases (relative
+tolerance ``tol``); stopped neurons leave the batch, so a neuron's result does
+not depend on which other neurons share its batch.
+
+Benchmark: ``benchmarks/nmf_batched_vs_sklearn.py``, results in
+``results/nmf_benchmark.md``.
 """
 
 from __future__ import annotations
@@ -298,7 +304,7 @@ def _start(
     ``Q Y``, the projection of X on its leading ``r``-dimensional column space
     (r = 8 for k = 3): each product then reads ``r x F`` numbers per neuron
     instead of ``S x F`` (25 x F for 5x5 kernels). With 3 components the
-    factorisation lives in that leading subspace anyway; measured against
+    factorisation lives mostly in that leading subspace; measured against
     scikit-learn on the full X (5x5 and 7x7 kernels, structured and i.i.d.),
     the true reconstruction error of this fit is as close as that of the fit
     on X itself (see results/nmf_benchmark.md). The error reported is always
