@@ -93,6 +93,14 @@ CONFIGS = {
     # the small config trained three times longer, for the lever "longer training"
     "small_long": ExperimentConfig(name="small_long", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=1500,
                                    interventions=("baseline", "rotate")),
+    # the fashion baseline trained twice as long
+    "fashion_long": ExperimentConfig(name="fashion_long", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=2400,
+                                     lr=3e-3, optimizer="adamw", data="fashion", flip=True, interventions=("baseline",)),
+    # data x optimizer checks, baseline only: the fashion recipe with SGD, and the landscape scenes with the fashion recipe
+    "fashion_sgd": ExperimentConfig(name="fashion_sgd", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=1200,
+                                    lr=0.05, optimizer="sgd", data="fashion", flip=True, interventions=("baseline",)),
+    "scenes_adamw": ExperimentConfig(name="scenes_adamw", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=1200,
+                                     lr=3e-3, optimizer="adamw", data="scenes", flip=True, interventions=("baseline",)),
     # scenes whose class is which of two strata lies above the other, far apart (explored, not the main result)
     "topbottom": ExperimentConfig(name="topbottom", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=500,
                                   data="topbottom"),

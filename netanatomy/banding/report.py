@@ -101,7 +101,7 @@ def figures(res, out: Path, prefix: str = "banding") -> dict[str, str]:
     fig, a = plt.subplots(figsize=(10, 2.3))
     a.imshow(img)
     a.set_axis_off()
-    a.set_title("training scenes, two per class (columns: " + ", ".join(c[0] for c in classes) + ")", fontsize=7)
+    a.set_title("training images, two per class (columns: " + ", ".join(c[0] for c in classes) + ")", fontsize=7)
     files["scenes"] = f"{prefix}_scenes.png"
     fig.savefig(out / files["scenes"], dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -188,7 +188,7 @@ def markdown(res, files: dict[str, str], command: str) -> str:
     L.append("")
     if "scenes" in files:
         L.append("## Data\n")
-        L.append(f"![training scenes]({files['scenes']})\n")
+        L.append(f"![training images]({files['scenes']})\n")
     return "\n".join(L) + "\n"
 
 
