@@ -153,8 +153,10 @@ class GroupTunedGBM:
         cands = self.candidates()
         self.cv_results_ = []
         if folds >= 2:
-            splitter = GroupKFold(n_splits=folds) if n_groups < len(y) else KFold(folds, shuffle=True, random_state=self.seed)
-            parts = list(splitter.split(X, y, groups))
+            if n_groups < len(y):  # several rows per run: keep each run in one fold
+                parts = list(GroupKFold(n_splits=folds).split(X, y, groups))
+            else:  # one row per run: plain shuffled folds
+                parts = list(KFold(folds, shuffle=True, random_state=self.seed).split(X, y))
             for params in cands:
                 errs = []
                 for tr, va in parts:
