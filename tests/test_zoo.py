@@ -410,7 +410,7 @@ def test_unterthiner_features_and_noise_ceiling():
     assert noisy["noise_sd"] == pytest.approx(np.sqrt(np.mean(y * (1 - y)) / 500), rel=0.01)
 
 
-def test_gbm_tuned_by_grouped_inner_cv_only_sees_its_rows():
+def test_gbm_tuned_by_grouped_inner_cv_only_sees_its_rows(monkeypatch):
     pytest.importorskip("sklearn")
     from netanatomy.zoo.predict import GBM_GRID, GroupTunedGBM
 
@@ -438,3 +438,12 @@ def test_gbm_tuned_by_grouped_inner_cv_only_sees_its_rows():
     assert all(g.best_params_[k] in GBM_GRID[k] for k in GBM_GRID if k != "max_iter")
     assert max(seen) == 60 and all(n % per == 0 for n in seen)  # inner folds keep runs whole
     assert g.score(X[60:], y[60:]) > 0.8
+
+    # as the only predictor of a report (its importances come from the refitted model)
+    import netanatomy.zoo.predict as predict
+
+    monkeypatch.setattr(predict, "GBM_GRID", {k: (v[0],) for k, v in GBM_GRID.items()})
+    rep = predict.fit_and_score(pd.DataFrame(X, columns=list("abcd")), y, runs, pd.DataFrame({"run": runs}),
+                                ("gbm-cv",), splits=1, test_fraction=0.25, importance_repeats=1)
+    assert rep.scores[0]["r2"] > 0.8 and "params" in rep.scores[0]
+    assert rep.importances["feature"].iloc[0] == "b"

@@ -344,7 +344,8 @@ def _fit_and_score(X, y, runs, meta, predictors, splits, test_fraction, seed, se
             if importance and name == importance_of(predictors):
                 from sklearn.inspection import permutation_importance
 
-                r = permutation_importance(model, X[te].to_numpy(), y[te], n_repeats=importance_repeats,
+                est = getattr(model, "model_", model)  # gbm-cv: the refitted sklearn model
+                r = permutation_importance(est, X[te].to_numpy(), y[te], n_repeats=importance_repeats,
                                            random_state=seed + s, scoring="r2")
                 imps.append(pd.Series(r.importances_mean, index=X.columns))
     if imps:
