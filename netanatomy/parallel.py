@@ -200,16 +200,34 @@ class LocalExecutor(Executor):
                     return
                 yield i, _invoke(fn, p, self.threads)
             return
-        from concurrent.futures import as_completed
+        from concurrent.futures import FIRST_COMPLETED, wait
 
         pool = self._get_pool()
-        futures = {pool.submit(_invoke, fn, p, self.threads): i for i, p in enumerate(payloads)}
+        # At most one item per worker in flight: a ProcessPoolExecutor hands
+        # submitted items to its workers ahead of time, and those can no longer
+        # be cancelled, so submitting everything at once would let a stop
+        # request (a time limit) start items long after it was made.
+        it = iter(enumerate(payloads))
+        futures: dict = {}
         self._futures = futures
+        exhausted = False
         try:
-            for fut in as_completed(futures):
-                if fut.cancelled():
-                    continue
-                yield futures[fut], fut.result()
+            while True:
+                while not exhausted and not self._stop and len(futures) < self._workers:
+                    try:
+                        i, p = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    futures[pool.submit(_invoke, fn, p, self.threads)] = i
+                if not futures:
+                    return
+                done, _ = wait(list(futures), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    i = futures.pop(fut)
+                    if fut.cancelled():
+                        continue
+                    yield i, fut.result()
         finally:
             for fut in futures:
                 fut.cancel()

@@ -158,3 +158,17 @@ def test_time_limit_on_a_pool_cancels_only_unstarted_items(tmp_path):
     assert set(s.ran) | set(s.unfinished) == {f"item-{i:03d}" for i in range(12)}
     for k in s.ran:  # whatever ran is finished and intact
         assert is_done(tmp_path, k)
+
+
+def test_time_limit_on_a_pool_starts_nothing_after_the_stop(tmp_path):
+    # one item per worker in flight: once the limit is seen, no queued item starts
+    with LocalExecutor(2, threads=None, start_method="fork") as ex:
+        s = run_resumable(square, items(12), tmp_path, ex, time_limit=0.0)
+    assert 1 <= len(s.ran) <= 2 and len(s.unfinished) >= 10
+
+
+def test_pool_runs_every_item_with_a_bounded_window(tmp_path):
+    with LocalExecutor(2, threads=None, start_method="fork") as ex:
+        s = run_resumable(square, items(9), tmp_path, ex)
+    assert sorted(s.ran) == [f"item-{i:03d}" for i in range(9)] and not s.unfinished
+    assert [s.records[f"item-{i:03d}"]["y"] for i in range(9)] == [i * i for i in range(9)]
