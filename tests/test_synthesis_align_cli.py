@@ -42,9 +42,31 @@ class PlainCNN(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
+def input_bn_mlp():
+    """A norm on the network's input: a fixed space, never permuted with a hidden layer of its width."""
+    return nn.Sequential(nn.BatchNorm1d(10), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 4))
+
+
+class DeclaredOutOfOrder(nn.Module):
+    """conv1, conv2, bn1, bn2 declared in that order: key order is not the forward order."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3)
+        self.conv2 = nn.Conv2d(8, 8, 3)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
 def _randomize_bn(net):
     for m in net.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.normal_()
             m.running_var.uniform_(0.5, 2.0)
             nn.init.normal_(m.weight)
@@ -55,7 +77,10 @@ def _state(net):
     return {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
 
 
-@pytest.mark.parametrize("make, shape, fmt", [(mlp, (5, 10), "pt"), (PlainCNN, (3, 1, 8, 8), "safetensors")])
+@pytest.mark.parametrize(
+    "make, shape, fmt",
+    [(mlp, (5, 10), "pt"), (PlainCNN, (3, 1, 8, 8), "safetensors"), (input_bn_mlp, (5, 10), "pt")],
+)
 def test_align_command_undoes_a_known_permutation(tmp_path, capsys, make, shape, fmt):
     torch.manual_seed(0)
     net = make()
@@ -220,6 +245,8 @@ def test_resnet_state_dict_is_refused_and_the_module_path_works(tmp_path, capsys
         (lambda: nn.ModuleDict({"q_proj": nn.Linear(8, 8), "fc": nn.Linear(8, 4)}), "attention"),
         (lambda: nn.Sequential(nn.Linear(8, 6), nn.Linear(5, 4)), "do not form one sequential chain"),
         (lambda: nn.Sequential(nn.Linear(8, 4)), "no hidden units"),
+        (DeclaredOutOfOrder, "cannot tell which layer norm 'bn1' follows"),
+        (lambda: nn.Sequential(nn.BatchNorm1d(6), nn.Linear(8, 6), nn.Linear(6, 2)), "comes before every"),
     ],
 )
 def test_unsupported_architectures_are_refused(make, match):

@@ -20,7 +20,10 @@ tell apart from a chain:
   files and state dicts (module order) the weight layer right before it; in
   safetensors (sorted keys) the layer with the same parent and number in its
   name (``bn2`` with ``conv2``), else the one right before it; else the only
-  layer of its width;
+  layer of its width. A norm before every layer normalises the input and stays
+  fixed. Refused as ambiguous: a norm whose position and name disagree
+  (``conv1, conv2, bn1, bn2`` declared in that order), and two norms that would
+  follow the same layer;
 * the last layer's outputs and the first layer's inputs are fixed.
 
 Refused with a one-line :class:`~netanatomy.errors.UserError` naming the
@@ -241,22 +244,41 @@ def infer_chain(src: Source) -> tuple[Chain, PermutationSpec]:
         head, num = _name_parts(nl.name)
         by_name = [l for l in cands if _name_parts(l.name) == (head, num)]
         prev = weights[before - 1] if before > 0 and weights[before - 1].shape[0] == n else None
-        if prev is not None and how == "key order" and ordered:
-            target = prev  # module order: the norm follows this layer
+        feeds_input = n == _width_in(order[0])
+        if ordered and how == "key order":
+            # module order: a norm follows the layer whose outputs it normalises
+            if before == 0:
+                if not feeds_input:
+                    raise _unsupported(f"norm {nl.name!r} (width {n}) comes before every conv/linear layer")
+                continue  # normalises the network's input: a fixed space
+            if prev is not None and by_name and prev not in by_name:
+                # conv1, conv2, bn1, bn2: declaration order is not the order of the forward pass
+                raise _unsupported(
+                    f"cannot tell which layer norm {nl.name!r} follows: it comes after {prev.name!r} "
+                    f"but its name pairs it with {by_name[0].name!r}"
+                )
+            target = prev or (by_name[0] if len(by_name) == 1 else cands[0] if len(cands) == 1 else None)
         elif len(by_name) == 1:
             target = by_name[0]
         elif prev is not None and how == "key order":
             target = prev
-        elif len(cands) == 1:
+        elif len(cands) == 1 and not feeds_input:
             target = cands[0]
-        elif not cands and n == _width_in(order[0]):
+        elif not cands and feeds_input:
             continue  # normalises the network's input: a fixed space
         else:
+            target = None
+        if target is None:
             raise _unsupported(f"cannot tell which layer norm {nl.name!r} (width {n}) follows")
         if target.is_conv and "running_mean" not in nl.tensors and n > 1:
             raise _unsupported(
                 f"norm {nl.name!r} after conv {target.name!r} has no running statistics "
                 "(a GroupNorm's groups are not in the state dict)"
+            )
+        if target.name in attach:
+            raise _unsupported(
+                f"norms {attach[target.name][0].name!r} and {nl.name!r} would both follow {target.name!r}; "
+                "cannot tell the order of the forward pass"
             )
         attach.setdefault(target.name, []).append(nl)
 
