@@ -417,3 +417,20 @@ def test_cli_rescore_user_errors(tmp_path, capsys):
         assert msg in err and "Traceback" not in err
     wdir = tmp_path / "banding_weights"
     assert not wdir.exists() or not any(wdir.iterdir())  # nothing was trained
+    # a corrupt or foreign weights file: one line, exit 2, the file is left as it was
+    from safetensors.torch import save_file
+
+    wdir.mkdir(exist_ok=True)
+    bad = wdir / "quick_baseline.safetensors"
+    for content in (b"\x00" * 300, None):
+        if content is None:
+            save_file({"fc.weight": torch.zeros(2, 2)}, str(bad))
+        else:
+            bad.write_bytes(content)
+        before = bad.read_bytes()
+        with pytest.raises(SystemExit) as exc:
+            main(["experiment", "banding", "--config", "quick", "--out", str(tmp_path), "--rescore"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "not a banding weights file" in err and "Traceback" not in err and err.count("\n") == 1
+        assert bad.read_bytes() == before
