@@ -383,7 +383,8 @@ def test_train_cli_range_options(tmp_path, capsys):
     from netanatomy.cli import main
 
     for args, msg in ((["--lr-range", "0.1"], "--lr-range takes 2"), (["--checkpoint-steps", "10,5"], "increasing"),
-                      (["--train-fractions", "0.5,x"], "--train-fractions takes")):
+                      (["--train-fractions", "0.5,x"], "--train-fractions takes"),
+                      (["--lr-range", "1e-3,inf"], "finite"), (["--l2-range", "1e-3,1e-4"], "low <= high")):
         with pytest.raises(SystemExit) as exc:
             main(["zoo", "train", "--out", str(tmp_path / "z"), *args])
         _, err = capsys.readouterr()

@@ -117,8 +117,8 @@ class ZooConfig:
                 raise UserError("checkpoint steps must be increasing positive step counts, e.g. 100,300,1000")
         for name in ("lr_range", "l2_range", "init_std_range"):
             lo, hi = getattr(self, name)
-            if not (0 < lo <= hi):
-                raise UserError(f"{name.replace('_', ' ')} must be 0 < low <= high (sampled log-uniformly)")
+            if not (0 < lo <= hi < float("inf")):
+                raise UserError(f"{name.replace('_', ' ')} must be 0 < low <= high, finite (sampled log-uniformly)")
         if not (0 <= self.dropout_max < 1):
             raise UserError("dropout max must lie in [0, 1)")
         if not (0 <= self.dropout_zero_prob <= 1):
