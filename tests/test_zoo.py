@@ -416,7 +416,7 @@ def test_gbm_tuned_by_grouped_inner_cv_only_sees_its_rows(monkeypatch):
     from netanatomy.zoo.predict import GBM_GRID, GroupTunedGBM
 
     rng = np.random.default_rng(0)
-    n_runs, per = 40, 2
+    n_runs, per = 40, 3  # ungrouped 3-fold CV on 60 rows would train on 40 rows, not a multiple of 3
     runs = np.repeat([f"run{i}" for i in range(n_runs)], per)
     X = rng.normal(size=(n_runs * per, 4))
     y = np.tanh(X[:, 1]) + 0.01 * rng.normal(size=len(X))
