@@ -278,7 +278,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
             except ImportError:
                 console.print("note: matplotlib not installed; no figure", markup=False)
         earlier = None
-        if config != "full" and (out / "synthesis.json").is_file():
+        if config == "soups" and (out / "synthesis.json").is_file():  # the full run is the soups run's earlier data point
             import json
 
             try:
