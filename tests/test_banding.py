@@ -330,9 +330,15 @@ def test_topbottom_label_is_the_vertical_order_of_two_strata():
         mean_up = (img[i] * up[i]).flatten(1).sum(1) / up[i].sum()
         right += int((mean_up - _BASE[a]).norm() < (mean_up - _BASE[b]).norm())
     assert right >= 0.85 * n
-    # swapping the order of the pair swaps what sits on top: same labels, other seed
-    _, y2 = make_topbottom(4, size, torch.Generator().manual_seed(2), labels=torch.tensor([0, 1, 0, 1]))
-    assert y2.tolist() == [0, 1, 0, 1]
+    # labels given explicitly are honoured, and the two classes of a pair put the other material on top
+    x2, y2, lay2 = make_topbottom(8, size, torch.Generator().manual_seed(3), labels=torch.tensor([0, 1] * 4),
+                                  return_layout=True)
+    assert y2.tolist() == [0, 1] * 4
+    a, b = TB_CLASSES[0][1]
+    img2 = x2 / 2 + 0.5
+    tops = [(img2[i] * lay2["upper"][i]).flatten(1).sum(1) / lay2["upper"][i].sum() for i in range(8)]
+    nearer_a = [bool((t - _BASE[a]).norm() < (t - _BASE[b]).norm()) for t in tops]
+    assert sum(nearer_a[0::2]) >= 3 and sum(nearer_a[1::2]) <= 1
 
 
 def test_fashion_photos_on_a_canvas():
