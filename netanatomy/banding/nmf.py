@@ -549,7 +549,6 @@ def reduce_kernels(
     inner_b: int = 2,
     inner_a: int = 2,
     chunk_bytes: int | None = None,
-    check_input: bool = False,
 ) -> NMFResult:
     """Posneg NMF of every neuron of a conv layer; ``A`` reshaped to ``(N, kh, kw, k)``.
 
@@ -557,8 +556,7 @@ def reduce_kernels(
     whole layer is never built: each chunk's ``(n, kh*kw, 2*in)`` matrix is
     written into one reused buffer straight from the kernels (the layer's
     weights are read from main memory once, and no layer-sized array is
-    allocated). ``check_input`` is accepted for symmetry: posneg output is
-    non-negative by construction.
+    allocated).
     """
     if weight.dim() != 4:
         raise ValueError(f"expected (out, in, kh, kw) kernels, got shape {tuple(weight.shape)}")
