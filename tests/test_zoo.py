@@ -448,3 +448,25 @@ def test_gbm_tuned_by_grouped_inner_cv_only_sees_its_rows(monkeypatch):
                                 ("gbm-cv",), splits=1, test_fraction=0.25, importance_repeats=1)
     assert rep.scores[0]["r2"] > 0.8 and "params" in rep.scores[0]
     assert rep.importances["feature"].iloc[0] == "b"
+
+
+def test_feature_cache_follows_checkpoints_when_rows_move(tmp_path, data):
+    # a zoo that grows gets new rows in between; cached features must not stay with row numbers
+    from netanatomy.zoo.features import open_zoo
+    from netanatomy.zoo.predict import zoo_features
+
+    generate_zoo(tmp_path, tiny_config(nets=4, group_size=2), SerialExecutor(), data=data)
+    zoo = open_zoo(tmp_path)
+    rows = list(range(len(zoo.metrics)))
+    cache = tmp_path / "features"
+    first = zoo_features(zoo, rows, cache_dir=cache)
+    moved = zoo.metrics.iloc[::-1].reset_index(drop=True)
+    for name in ("metrics.parquet", "metrics.csv"):
+        if (tmp_path / name).exists():
+            (moved.to_parquet if name.endswith("parquet") else lambda p: moved.to_csv(p, index=False))(tmp_path / name)
+    zoo2 = open_zoo(tmp_path)
+    assert zoo2.metrics["checkpoint"].iloc[0] == zoo.metrics["checkpoint"].iloc[-1]
+    cached = zoo_features(zoo2, rows, cache_dir=cache)
+    fresh = zoo_features(zoo2, rows)
+    pd.testing.assert_frame_equal(cached, fresh)
+    assert not first.equals(cached)  # the rows really hold other checkpoints now

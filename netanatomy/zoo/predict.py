@@ -380,6 +380,23 @@ def _feature_work(payload):
     return {"rows": list(rows), "columns": recs}
 
 
+def _row_identities(zoo, rows: Sequence[int]) -> list[str]:
+    """What a cached feature row stands for: the checkpoint file, its size and
+    modification time (for zoos stored as one weights matrix, the row number)."""
+    df = zoo.metrics
+    if "checkpoint" not in df.columns:
+        return [str(r) for r in rows]
+    names = df["checkpoint"].astype(str).to_numpy()
+    out = []
+    for r in rows:
+        try:
+            st = (Path(zoo.root) / names[r]).stat()
+            out.append(f"{names[r]}:{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            out.append(f"{names[r]}:missing")
+    return out
+
+
 def zoo_features(zoo, rows: Sequence[int], cache_dir: Path | None = None, executor=None, esd: bool = False,
                  chunk: int | None = None, progress=None):
     """Feature table for ``rows`` of ``zoo`` (index = row). With ``cache_dir``
@@ -396,10 +413,12 @@ def zoo_features(zoo, rows: Sequence[int], cache_dir: Path | None = None, execut
         chunk = 250 if zoo.kind == "netanatomy" else 5000
     if esd:
         chunk = min(chunk, 100)
+    ident = _row_identities(zoo, rows)
     items = []
     for i in range(0, len(rows), chunk):
         part = rows[i : i + chunk]
-        h = hashlib.sha256(f"{part}|{esd}".encode()).hexdigest()[:12]
+        # the key names the checkpoints, not just the row numbers: rows move when a zoo grows
+        h = hashlib.sha256(f"{part}|{ident[i : i + chunk]}|{esd}".encode()).hexdigest()[:12]
         items.append(WorkItem(f"features-{'esd-' if esd else ''}{i // chunk:05d}-{h}",
                               {"root": str(zoo.root), "rows": part, "esd": esd}))
     tmp = None
