@@ -128,6 +128,29 @@ class Executor(ABC):
     def workers(self) -> int:
         return 1
 
+    def _windowed(self, payloads, limit: int, pending: dict, submit, wait_some, collect):
+        """Keep at most ``limit`` items in flight (``pending``: handle -> index)
+        and yield ``(index, result)`` as they finish; after ``cancel_pending``
+        nothing new is submitted. ``collect`` returns None for an item that
+        was cancelled before it started."""
+        it = iter(enumerate(payloads))
+        exhausted = False
+        while True:
+            while not exhausted and not self._stop and len(pending) < limit:
+                try:
+                    i, p = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                pending[submit(p)] = i
+            if not pending:
+                return
+            for h in wait_some(list(pending)):
+                i = pending.pop(h)
+                result = collect(h)
+                if result is not None:
+                    yield i, result
+
     def cancel_pending(self) -> None:
         """Start no further items of the running map; items already running
         still finish and are yielded."""
@@ -207,27 +230,17 @@ class LocalExecutor(Executor):
         # submitted items to its workers ahead of time, and those can no longer
         # be cancelled, so submitting everything at once would let a stop
         # request (a time limit) start items long after it was made.
-        it = iter(enumerate(payloads))
         futures: dict = {}
         self._futures = futures
-        exhausted = False
         try:
-            while True:
-                while not exhausted and not self._stop and len(futures) < self._workers:
-                    try:
-                        i, p = next(it)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    futures[pool.submit(_invoke, fn, p, self.threads)] = i
-                if not futures:
-                    return
-                done, _ = wait(list(futures), return_when=FIRST_COMPLETED)
-                for fut in done:
-                    i = futures.pop(fut)
-                    if fut.cancelled():
-                        continue
-                    yield i, fut.result()
+            yield from self._windowed(
+                payloads,
+                self._workers,
+                futures,
+                submit=lambda p: pool.submit(_invoke, fn, p, self.threads),
+                wait_some=lambda hs: wait(hs, return_when=FIRST_COMPLETED)[0],
+                collect=lambda fut: None if fut.cancelled() else fut.result(),
+            )
         finally:
             for fut in futures:
                 fut.cancel()
@@ -300,27 +313,22 @@ class RayExecutor(Executor):
         ray = self._ray
         fn_ref = ray.put(fn)
         limit = self.max_in_flight or max(2 * self.workers, 1)
-        pending: dict[Any, int] = {}
-        it = iter(enumerate(payloads))
-        exhausted = False
         self._stop = False
-        while True:
-            while not exhausted and not self._stop and len(pending) < limit:
-                try:
-                    i, p = next(it)
-                except StopIteration:
-                    exhausted = True
-                    break
-                pending[self._remote.remote(fn_ref, p, self.threads)] = i
-            if not pending:
-                return
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                i = pending.pop(ref)
-                try:
-                    yield i, ray.get(ref)
-                except Exception as exc:  # the worker died (not a Python error in fn)
-                    yield i, (False, (f"{type(exc).__name__}: {exc}", ""))
+
+        def collect(ref):
+            try:
+                return ray.get(ref)
+            except Exception as exc:  # the worker died (not a Python error in fn)
+                return False, (f"{type(exc).__name__}: {exc}", "")
+
+        yield from self._windowed(
+            payloads,
+            limit,
+            {},
+            submit=lambda p: self._remote.remote(fn_ref, p, self.threads),
+            wait_some=lambda hs: ray.wait(hs, num_returns=1)[0],
+            collect=collect,
+        )
 
     def close(self) -> None:
         if self._started:
