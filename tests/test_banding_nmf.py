@@ -192,3 +192,18 @@ def test_float64_and_integer_inputs():
     assert torch.allclose(a.err.float(), b.err, rtol=1e-3)
     c = nmf_batched(torch.randint(0, 5, (3, 4, 6)))
     assert c.A.dtype == torch.float32 and (c.A >= 0).all()
+
+
+def test_threaded_chunks_give_the_same_result_and_restore_torch_threads():
+    w = _kernels(11, 20, 5, seed=5)
+    small = 2 * 25 * 40 * 4  # 2 neurons per chunk: 6 chunks shared by the threads
+    one = reduce_kernels(w, chunk_bytes=small, workers=1)
+    before = torch.get_num_threads()
+    three = reduce_kernels(w, chunk_bytes=small, workers=3)
+    assert torch.get_num_threads() == before
+    assert torch.equal(one.A, three.A) and torch.equal(one.B, three.B)
+    assert torch.equal(one.err, three.err) and torch.equal(one.sweeps, three.sweeps)
+    dense = nmf_batched(posneg(w), chunk_bytes=small, workers=2)
+    assert torch.allclose(dense.A.reshape(one.A.shape), one.A, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="workers"):
+        reduce_kernels(w, workers=0)

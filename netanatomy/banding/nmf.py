@@ -33,6 +33,7 @@ Benchmark: ``benchmarks/nmf_batched_vs_sklearn.py``, results in
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -464,35 +465,31 @@ def _chunk_size(n: int, per_neuron_bytes: int, device: torch.device, chunk_bytes
     return max(1, min(max(1, n), chunk_bytes // max(1, per_neuron_bytes)))
 
 
-def _drive(
+def _solve_chunks(
+    starts: list[int],
     n: int,
-    s: int,
-    f: int,
-    chunk_x,
     step: int,
-    like: torch.Tensor,
+    chunk_x,
+    out: _Out,
+    om: torch.Tensor | None,
     k: int,
     max_iter: int,
     tol: float,
     check_every: int,
     inner_b: int,
     inner_a: int,
-) -> NMFResult:
-    """Solve ``n`` neurons in chunks of ``step``: ``chunk_x(i, j)`` gives the
-    dense ``(j - i, S, F)`` posneg matrices of neurons ``i..j-1`` (it may reuse
-    one buffer; rows that outlive their chunk are copied). A chunk runs until
-    fewer than a quarter of its neurons are left; those stragglers are pooled
-    with other chunks' stragglers and solved together, so that a few slow
-    neurons do not cost many small sweeps."""
-    out = _Out(n, s, f, k, like.dtype, like.device)
-    if n == 0:
-        return out.result()
-    om = _omega(max(s, f), k + _OVERSAMPLE, like) if min(s, f) > k + _OVERSAMPLE else None
+) -> None:
+    """Solve the chunks of neurons starting at ``starts`` (each ``step`` long):
+    ``chunk_x(i, j)`` gives the dense ``(j - i, S, F)`` posneg matrices of
+    neurons ``i..j-1`` (it may reuse one buffer; rows that outlive their chunk
+    are copied). A chunk runs until fewer than a quarter of its neurons are
+    left; those stragglers are pooled with other chunks' stragglers and solved
+    together, so that a few slow neurons do not cost many small sweeps."""
     pause = max(1, step // 4) if step < n else 0
     pool: list[_Batch] = []
-    for i in range(0, n, step):
+    for pos, i in enumerate(starts):
         j = min(n, i + step)
-        idx = torch.arange(i, j, device=like.device)
+        idx = torch.arange(i, j, device=out.A.device)
         xc = chunk_x(i, j)
         b = _start(xc, idx, k, tol, check_every, om)
         XX = b.XX
@@ -502,11 +499,62 @@ def _drive(
         out.err2[i:j] = _true_sq_error(xc, XX, out.A[i:j], out.B[i:j])
         if rest is not None:
             pool.append(rest)
-        if sum(p.n_alive for p in pool) >= step and j < n:
+        if sum(p.n_alive for p in pool) >= step and pos + 1 < len(starts):
             rest = _run(_Batch.merge(pool), out, max_iter, check_every, inner_b, inner_a, pause)
             pool = [rest] if rest is not None else []
     if pool:
         _run(_Batch.merge(pool), out, max_iter, check_every, inner_b, inner_a, 0)
+
+
+def _drive(
+    n: int,
+    s: int,
+    f: int,
+    chunk_source,
+    step: int,
+    like: torch.Tensor,
+    k: int,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    inner_b: int,
+    inner_a: int,
+    workers: int | None = None,
+) -> NMFResult:
+    """Solve ``n`` neurons in chunks of ``step``. ``chunk_source()`` makes a
+    chunk reader (see :func:`_solve_chunks`) with its own buffer.
+
+    With ``workers > 1`` (default on the CPU: torch's thread count) the chunks
+    are shared round-robin among that many Python threads, each solving its
+    chunks as above with one torch thread: the operations on one chunk are too
+    small to gain from torch's own threading, but whole chunks run in parallel
+    (torch releases the GIL inside its operations). Every neuron is solved and
+    stopped on its own, so the result does not depend on ``workers``.
+    """
+    out = _Out(n, s, f, k, like.dtype, like.device)
+    if n == 0:
+        return out.result()
+    om = _omega(max(s, f), k + _OVERSAMPLE, like) if min(s, f) > k + _OVERSAMPLE else None
+    starts = list(range(0, n, step))
+    if workers is None:
+        workers = torch.get_num_threads() if like.device.type == "cpu" else 1
+    elif workers < 1:
+        raise ValueError(f"nmf: workers must be at least 1, got {workers}")
+    workers = min(int(workers), len(starts))
+    args = (n, step)
+    rest = (out, om, k, max_iter, tol, check_every, inner_b, inner_a)
+    if workers == 1:
+        _solve_chunks(starts, *args, chunk_source(), *rest)
+        return out.result()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one torch thread per worker: no nested thread teams
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nmf") as ex:
+            futures = [ex.submit(_solve_chunks, starts[w::workers], *args, chunk_source(), *rest) for w in range(workers)]
+            for fut in futures:
+                fut.result()
+    finally:
+        torch.set_num_threads(threads)
     return out.result()
 
 
@@ -520,13 +568,16 @@ def nmf_batched(
     inner_a: int = 2,
     check_input: bool = True,
     chunk_bytes: int | None = None,
+    workers: int | None = None,
 ) -> NMFResult:
     """Factorise each ``X[n]`` (``(N, S, F)``, non-negative) as ``A[n] @ B[n]``.
 
     Neurons are processed in chunks of about ``chunk_bytes`` of input (default:
     8 MB on the CPU, so that every sweep reads from cache; all at once on a GPU;
-    0 = one chunk). Chunking does not change the result: every neuron is
-    solved and stopped on its own (see :func:`_run`).
+    0 = one chunk), shared among ``workers`` threads (default on the CPU:
+    torch's thread count; see :func:`_drive`). Neither chunking nor threads
+    change the result: every neuron is solved and stopped on its own (see
+    :func:`_run`).
     """
     if X.dim() != 3:
         raise ValueError(f"expected a batch of matrices (N, S, F), got {tuple(X.shape)}")
@@ -537,7 +588,9 @@ def nmf_batched(
         raise ValueError("NMF needs non-negative input")
     n, s, f = X.shape
     step = _chunk_size(n, s * f * X.element_size(), X.device, chunk_bytes)
-    return _drive(n, s, f, lambda i, j: X[i:j].contiguous(), step, X, k, max_iter, tol, check_every, inner_b, inner_a)
+    return _drive(
+        n, s, f, lambda: lambda i, j: X[i:j].contiguous(), step, X, k, max_iter, tol, check_every, inner_b, inner_a, workers
+    )
 
 
 def reduce_kernels(
@@ -549,6 +602,7 @@ def reduce_kernels(
     inner_b: int = 2,
     inner_a: int = 2,
     chunk_bytes: int | None = None,
+    workers: int | None = None,
 ) -> NMFResult:
     """Posneg NMF of every neuron of a conv layer; ``A`` reshaped to ``(N, kh, kw, k)``.
 
@@ -567,16 +621,20 @@ def reduce_kernels(
     s, f = kh * kw_, 2 * c
     w = weight.reshape(n, c, s)
     step = _chunk_size(n, s * f * w.element_size(), w.device, chunk_bytes)
-    buf = torch.empty(min(step, n), s, f, dtype=w.dtype, device=w.device)
 
-    def chunk_x(i: int, j: int) -> torch.Tensor:
-        wc = w[i:j].transpose(1, 2)  # (m,S,C) view
-        xc = buf[: j - i]
-        xc[:, :, :c].copy_(wc)
-        torch.clamp(xc[:, :, :c], max=0, out=xc[:, :, c:]).neg_()
-        xc[:, :, :c].clamp_(min=0)
-        return xc
+    def chunk_source():
+        buf = torch.empty(min(step, n), s, f, dtype=w.dtype, device=w.device)  # one per worker
 
-    res = _drive(n, s, f, chunk_x, step, w, k, max_iter, tol, check_every, inner_b, inner_a)
+        def chunk_x(i: int, j: int) -> torch.Tensor:
+            wc = w[i:j].transpose(1, 2)  # (m,S,C) view
+            xc = buf[: j - i]
+            xc[:, :, :c].copy_(wc)
+            torch.clamp(xc[:, :, :c], max=0, out=xc[:, :, c:]).neg_()
+            xc[:, :, :c].clamp_(min=0)
+            return xc
+
+        return chunk_x
+
+    res = _drive(n, s, f, chunk_source, step, w, k, max_iter, tol, check_every, inner_b, inner_a, workers)
     res.A = res.A.reshape(n, kh, kw_, k)
     return res
