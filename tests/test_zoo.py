@@ -257,6 +257,33 @@ def test_predictors_learn_a_weight_statistic_and_split_by_run():
     assert set(rep.summary_frame()["predictor"]) == {"linear", "gbm"}
 
 
+def test_learning_curve_fits_on_nested_run_subsets_and_scores_the_same_held_out_runs():
+    pytest.importorskip("sklearn")
+    from netanatomy.errors import UserError
+    from netanatomy.zoo.predict import fit_and_score, subsample_runs
+
+    rng = np.random.default_rng(1)
+    n_runs, per = 80, 2
+    runs = np.repeat([f"run{i}" for i in range(n_runs)], per)
+    X = pd.DataFrame(rng.normal(size=(n_runs * per, 5)), columns=[f"f{i}" for i in range(5)])
+    y = np.tanh(X["f1"].to_numpy()) + 0.3 * X["f3"].to_numpy() ** 2 + 0.02 * rng.normal(size=len(X))
+    rep = fit_and_score(X, y, runs, pd.DataFrame({"run": runs}), ("gbm",), splits=2, test_fraction=0.25,
+                        train_sizes=(1.0, 0.1, 0.5))
+    summ = rep.summary_frame().sort_values("train_size")
+    assert list(summ["train_size"]) == [0.1, 0.5, 1.0]
+    assert list(summ["train_runs"]) == [6, 30, 60]  # whole runs: 10 %, 50 %, all of the 60 training runs
+    assert summ["r2_mean"].iloc[0] < summ["r2_mean"].iloc[2]  # more runs, better fit
+    assert {s["test_runs"] for s in rep.scores} == {20}
+    # held-out predictions only for the full size, the same held-out runs per split
+    assert len(rep.predictions) == 2 * 20 * per
+    tr = np.isin(runs, [f"run{i}" for i in range(60)])
+    small, big = subsample_runs(runs, tr, 0.25, 3), subsample_runs(runs, tr, 0.5, 3)
+    assert (small <= big).all() and (big <= tr).all() and not (small & ~tr).any()
+    assert len(set(runs[small])) == 15 and small.sum() == 30  # whole runs only
+    with pytest.raises(UserError, match="fractions"):
+        fit_and_score(X, y, runs, None, ("linear",), train_sizes=(0.0, 1.0))
+
+
 def test_map_finds_planted_regions():
     pytest.importorskip("sklearn")
     from netanatomy.zoo.features import LayoutEntry

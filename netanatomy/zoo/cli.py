@@ -171,6 +171,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         esd: bool = typer.Option(False, "--esd", help="Add per-layer ESD metrics (netanatomy.spectral) to the features."),
         features: str = typer.Option("stats", "--features", help="stats (per tensor mean, std, 5 percentiles, L1, L2) or unterthiner (their 7 statistics per tensor)."),
+        train_sizes: str = typer.Option("1", "--train-sizes", help="Learning curve: fractions of each split's training runs to fit on (nested subsets; the same held-out runs), e.g. 0.25,0.5,1."),
         out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: ZOO/predict)."),
         ray: Optional[str] = RayOpt,
         workers: Optional[int] = WorkersOpt,
@@ -193,10 +194,16 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         if splits < 1:
             raise UserError("--splits must be >= 1")
         selections = tuple(s.strip() for s in epochs.split("+") if s.strip())
+        from .predict import check_train_sizes
+
+        try:
+            sizes = check_train_sizes(x.strip() for x in train_sizes.split(",") if x.strip())
+        except UserError as exc:
+            raise UserError(f"--train-sizes: {exc}") from None
         prog, cb = _progress("features")
         with get_executor(ray, 0 if workers is None else workers) as ex, prog:
             rep = predict_zoo(zoo, target, selections, preds, splits, test_fraction, seed, esd, ex, progress=cb,
-                              feature_set=features)
+                              feature_set=features, train_sizes=sizes)
         out_dir = out or (zoo / "predict")
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "report.json", dumps(rep.to_json(), indent=1))
@@ -213,7 +220,9 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
                     atomic_write(out_dir / f"scatter_{sel}_{name}.png", lambda p, f=fig: f.savefig(p, dpi=110, bbox_inches="tight", format="png"))
         except ImportError:
             pass
-        lines = [f"{r['selection']:>8} {r['predictor']:>6}: R2 {r['r2_mean']:.4f} (sd {r['r2_std']:.4f}), "
+        lines = [f"{r['selection']:>8} {r['predictor']:>6}: "
+                 + (f"{r['train_runs']:.0f} training runs, " if "train_size" in r else "")
+                 + f"R2 {r['r2_mean']:.4f} (sd {r['r2_std']:.4f}), "
                  f"tau {r['tau_mean']:.4f} (sd {r['tau_std']:.4f}) over {r['splits']} splits, {r['test_runs']:.0f} held-out runs"
                  for r in summ.to_dict("records")]
         for sel, c in rep.info.get("noise_ceiling", {}).items():

@@ -244,9 +244,10 @@ class PredictionReport:
         df = pd.DataFrame(self.scores)
         if df.empty:
             return df
-        agg = df.groupby(["selection", "predictor"]).agg(
+        keys = ["selection", "predictor"] + (["train_size"] if "train_size" in df.columns else [])
+        agg = df.groupby(keys).agg(
             r2_mean=("r2", "mean"), r2_std=("r2", "std"), tau_mean=("tau", "mean"), tau_std=("tau", "std"),
-            splits=("split", "count"), test_runs=("test_runs", "mean"),
+            splits=("split", "count"), test_runs=("test_runs", "mean"), train_runs=("train_runs", "mean"),
         ).reset_index()
         return agg
 
@@ -288,8 +289,14 @@ def fit_and_score(
     selection: str = "",
     importance: bool = True,
     importance_repeats: int = 3,
+    train_sizes: Sequence[float] = (1.0,),
 ) -> PredictionReport:
-    """Fit every predictor on ``splits`` random run-level splits; score held-out runs."""
+    """Fit every predictor on ``splits`` random run-level splits; score held-out runs.
+
+    ``train_sizes`` (fractions in (0, 1]) gives a learning curve: in each split
+    the predictors are also fitted on that fraction of the training runs (nested
+    random subsets, whole runs) and scored on the same held-out runs. Held-out
+    predictions and importances are kept for the largest size only."""
     import pandas as pd
 
     _sklearn()
@@ -303,9 +310,32 @@ def fit_and_score(
         raise UserError(f"too few runs with finite features to split ({len(np.unique(runs))}); train a bigger zoo")
     from threadpoolctl import threadpool_limits
 
+    sizes = check_train_sizes(train_sizes)
     with threadpool_limits(limits=1):  # small problems: threads only add contention
         return _fit_and_score(X, y, runs, meta, predictors, splits, test_fraction, seed, selection, importance,
-                              importance_repeats)
+                              importance_repeats, sizes)
+
+
+def check_train_sizes(train_sizes: Sequence[float]) -> tuple[float, ...]:
+    """Sorted, distinct learning-curve fractions, each in (0, 1]."""
+    try:
+        sizes = tuple(sorted({float(f) for f in train_sizes}))
+    except (TypeError, ValueError):
+        raise UserError(f"train sizes must be numbers in (0, 1], got {train_sizes!r}") from None
+    if not sizes or not all(0 < f <= 1 for f in sizes):
+        raise UserError(f"train sizes must be fractions in (0, 1], got {', '.join(map(str, train_sizes)) or 'none'}")
+    return sizes
+
+
+def subsample_runs(runs: np.ndarray, train: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Mask of the training rows of a random ``fraction`` of the training runs
+    (at least 2 runs; the same seed gives nested subsets for growing fractions)."""
+    if fraction >= 1:
+        return train
+    uniq = np.unique(runs[train])
+    order = np.random.default_rng(seed).permutation(uniq)
+    keep = set(order[: max(2, int(round(fraction * len(uniq))))].tolist())
+    return train & np.array([r in keep for r in runs])
 
 
 def importance_of(predictors: Sequence[str]) -> str | None:
@@ -316,14 +346,18 @@ def importance_of(predictors: Sequence[str]) -> str | None:
     return None
 
 
-def _fit_and_score(X, y, runs, meta, predictors, splits, test_fraction, seed, selection, importance, importance_repeats):
+def _fit_and_score(X, y, runs, meta, predictors, splits, test_fraction, seed, selection, importance, importance_repeats,
+                   sizes=(1.0,)):
     import pandas as pd
     from sklearn.metrics import r2_score
 
     scores, preds, imps = [], [], []
-    for s in range(splits):
-        tr, te = split_by_run(runs, test_fraction, seed + s)
+    curve = len(sizes) > 1 or sizes[-1] < 1
+    for s, size in ((s, size) for s in range(splits) for size in sizes):
+        tr_all, te = split_by_run(runs, test_fraction, seed + s)
+        tr = subsample_runs(runs, tr_all, size, seed + s + 7919)
         assert not (set(runs[tr]) & set(runs[te]))
+        last = size == sizes[-1]
         for name in predictors:
             model = make_predictor(name, seed + s)
             if getattr(model, "needs_groups", False):
@@ -336,8 +370,11 @@ def _fit_and_score(X, y, runs, meta, predictors, splits, test_fraction, seed, se
                 "r2": float(r2_score(y[te], p)), "tau": kendall_tau(y[te], p),
                 "train_rows": int(tr.sum()), "test_rows": int(te.sum()),
                 "train_runs": int(len(set(runs[tr]))), "test_runs": int(len(set(runs[te]))),
+                **({"train_size": size} if curve else {}),
                 **({"params": dict(model.best_params_)} if hasattr(model, "best_params_") else {}),
             })
+            if not last:
+                continue
             preds.append(pd.DataFrame({"selection": selection, "split": s, "predictor": name, "run": runs[te],
                                        **{c: meta.loc[te, c].to_numpy() for c in meta.columns if c != "run"},
                                        "y_true": y[te], "y_pred": p}))
@@ -453,6 +490,7 @@ def predict_zoo(
     cache: bool = True,
     progress=None,
     feature_set: str = "stats",
+    train_sizes: Sequence[float] = (1.0,),
 ) -> PredictionReport:
     """Open a zoo, compute features, fit and score the predictors for each row selection."""
     import pandas as pd
@@ -462,6 +500,7 @@ def predict_zoo(
     _sklearn()
     if feature_set not in FEATURE_SETS:
         raise UserError(f"unknown feature set {feature_set!r}; choose from {', '.join(FEATURE_SETS)}")
+    train_sizes = check_train_sizes(train_sizes)
     zoo = open_zoo(path)
     df = zoo.metrics
     if target not in df.columns:
@@ -484,7 +523,7 @@ def predict_zoo(
         X = feats.loc[r].reset_index(drop=True)
         y = pd.to_numeric(df[target].iloc[r], errors="coerce").to_numpy(dtype=float)
         reports.append(fit_and_score(X, y, df["run"].iloc[r].to_numpy(), df[meta_cols].iloc[r].reset_index(drop=True),
-                                     predictors, splits, test_fraction, seed, selection=sel))
+                                     predictors, splits, test_fraction, seed, selection=sel, train_sizes=train_sizes))
         if n_eval:
             ceilings[sel] = noise_ceiling(y, n_eval)
     scores = [s for rep in reports for s in rep.scores]
@@ -492,6 +531,7 @@ def predict_zoo(
     imp = reports[0].importances
     info = {"zoo": str(path), "kind": zoo.kind, "target": target, "selections": list(selections),
             "splits": splits, "test_fraction": test_fraction, "esd": esd, "feature_set": feature_set,
+            "train_sizes": list(train_sizes),
             "features": int(feats.shape[1]), "noise_ceiling": ceilings,
             "rows": {sel: rep.info for sel, rep in zip(selections, reports)},
             "excluded_diverged": int(df["diverged"].fillna(False).astype(bool).sum()) if "diverged" in df.columns else 0}
