@@ -318,10 +318,11 @@ def fit_and_score(
 
 def check_train_sizes(train_sizes: Sequence[float]) -> tuple[float, ...]:
     """Sorted, distinct learning-curve fractions, each in (0, 1]."""
+    train_sizes = list(train_sizes)
     try:
         sizes = tuple(sorted({float(f) for f in train_sizes}))
     except (TypeError, ValueError):
-        raise UserError(f"train sizes must be numbers in (0, 1], got {train_sizes!r}") from None
+        raise UserError(f"train sizes must be numbers in (0, 1], got {', '.join(map(str, train_sizes))}") from None
     if not sizes or not all(0 < f <= 1 for f in sizes):
         raise UserError(f"train sizes must be fractions in (0, 1], got {', '.join(map(str, train_sizes)) or 'none'}")
     return sizes
