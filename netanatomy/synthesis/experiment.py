@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -88,6 +88,35 @@ class Config:
     # True = the start pre-trains on one half, members fine-tune on the other half
     split_pretrain: bool = False
     greedy_bn: bool = False  # also a greedy soup whose candidates are scored after BN recalibration
+    split_seed: int = 0  # permutation that sets the held-out split apart
+    start_seed: int = 0  # the start's initialisation and data order
+
+
+# ``--seed S`` adds S * SEED_STRIDE to every seed of a config (the held-out split,
+# the start, each member, the scratch nets of part 2). Seed 0 is the config as
+# written; the configs' own seeds stay below the stride, so no seed of one run
+# is reused by another run for a different purpose.
+SEED_STRIDE = 1000
+
+
+def reseed(cfg: "Config", seed: int) -> "Config":
+    """``cfg`` with every random choice moved to run ``seed`` (0: ``cfg`` unchanged)."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    d = SEED_STRIDE * seed
+    return replace(
+        cfg,
+        split_seed=cfg.split_seed + d,
+        start_seed=cfg.start_seed + d,
+        members=[replace(m, seed=m.seed + d) for m in cfg.members],
+        scratch_seeds=tuple(s + d for s in cfg.scratch_seeds),
+    )
+
+
+def split_indices(n: int, cfg: "Config") -> tuple[torch.Tensor, torch.Tensor]:
+    """(held-out indices, training-pool indices) of ``n`` training images."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
+    return perm[: cfg.val_size], perm[cfg.val_size :]
 
 
 def _soup_members() -> list[Member]:
@@ -185,18 +214,18 @@ def make_evaluator(template: nn.Module, x, y, bn_batches=None):
     return ev
 
 
-def run(config: str | Config = "full", log=None) -> dict:
+def run(config: str | Config = "full", log=None, seed: int = 0) -> dict:
+    """One run of the experiment; ``seed`` moves every random choice (see :func:`reseed`)."""
     from ..datasets import fashion_mnist, normalize_images
 
-    cfg = CONFIGS[config] if isinstance(config, str) else config
+    cfg = reseed(CONFIGS[config] if isinstance(config, str) else config, seed)
     say = log or (lambda msg: None)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     xtr, ytr = fashion_mnist("train")
     xte, yte = fashion_mnist("test")
     xtr, xte = normalize_images(xtr), normalize_images(xte)
-    perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(0))
-    val_idx, tr_idx = perm[: cfg.val_size], perm[cfg.val_size :]
+    val_idx, tr_idx = split_indices(len(xtr), cfg)
     data = {
         "val": (xtr[val_idx], ytr[val_idx]),
         "train": (xtr[tr_idx], ytr[tr_idx]),
@@ -205,7 +234,11 @@ def run(config: str | Config = "full", log=None) -> dict:
     }
     xpool = data["train"][0]
     data["bn"] = [xpool[i : i + 250] for i in range(0, cfg.bn_samples, 250)]
-    out: dict = {"config": {k: v for k, v in asdict(cfg).items()}, "config_name": config if isinstance(config, str) else None}
+    out: dict = {
+        "config": {k: v for k, v in asdict(cfg).items()},
+        "config_name": config if isinstance(config, str) else None,
+        "seed": seed,
+    }
     clock = lambda: f"({time.perf_counter() - t_start:.0f} s)"  # noqa: E731
     if cfg.soups:
         out.update(_soups(cfg, data, lambda m: say(f"{m} {clock()}")))
@@ -225,8 +258,8 @@ def _soups(cfg: Config, data: dict, say) -> dict:
         (xpre, ypre), (xft, yft) = (xtr[:half], ytr[:half]), (xtr[half:], ytr[half:])
     else:
         (xpre, ypre), (xft, yft) = (xtr, ytr), (xtr, ytr)
-    torch.manual_seed(0)
-    base = train(SmallCNN(cfg.widths), xpre, ypre, cfg.base_samples, cfg.base_lr, 0, False, cfg.batch)
+    torch.manual_seed(cfg.start_seed)
+    base = train(SmallCNN(cfg.widths), xpre, ypre, cfg.base_samples, cfg.base_lr, cfg.start_seed, False, cfg.batch)
     say("start trained")
     template = SmallCNN(cfg.widths)
     bn = data["bn"]
@@ -340,8 +373,9 @@ def _f(v, fmt=".4f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def render_markdown(res: dict, command: str, figure: str | None, earlier: dict | None = None) -> str:
-    """The results file. ``earlier``: a previous run's JSON, quoted as an earlier data point."""
+def render_markdown(res: dict, command: str, figure: str | None, earlier: dict | None = None, note: str | None = None) -> str:
+    """The results file. ``earlier``: a previous run's JSON, quoted as an earlier data point;
+    ``note``: a closing paragraph (e.g. a pointer to the results over several seeds)."""
     cfg = res["config"]
     parts = (["soups"] if cfg.get("soups", True) else []) + (["alignment barriers"] if cfg.get("barriers", True) else [])
     L = [f"# Synthesis of weights on Fashion-MNIST: {' and '.join(parts)}", ""]
@@ -361,7 +395,10 @@ def render_markdown(res: dict, command: str, figure: str | None, earlier: dict |
         L += _read_soups(res) + [""]
     if "curves" in res:
         L += _read_barriers(res) + [""]
-    L += ["Single run, single seed" + (" pair" if "curves" in res else "") + ": no error bars."]
+    seed = res.get("seed", 0)
+    L += ["Single run, single seed" + (" pair" if "curves" in res else "") + (f" (--seed {seed})" if seed else "") + ": no error bars."]
+    if note:
+        L += ["", note]
     return "\n".join(L) + "\n"
 
 
@@ -516,3 +553,174 @@ def plot_curves(res: dict, ax=None):
     plot_interpolation(curves, "loss", ax=axes[0], title="test loss along the path")
     plot_interpolation(curves, "acc", ax=axes[1], title="test accuracy along the path")
     return fig
+
+
+# ---------------------------------------------------------------------------
+# several seeds: one row per seed, mean and spread of the differences
+
+
+def seed_row(res: dict) -> dict:
+    """The numbers of one seed's soups run that the multi-seed table shows."""
+    s = res["soups"]
+    g, u, bm = s["greedy soup"], s["uniform soup"], s["best member"]
+    gbn = s.get("greedy soup, BN recalibrated while choosing")
+    return {
+        "seed": int(res.get("seed", 0)),
+        "start_test_acc": res["base"]["test_acc"],
+        "best_member": res["best_member"],
+        "best_val_acc": bm["val_acc"],
+        "best_test_acc": bm["test_acc"],
+        "uniform_test_acc": u["test_acc"],
+        "greedy_val_acc": g["val_acc"],
+        "greedy_test_acc": g["test_acc"],
+        "ingredients": len(res["greedy_ingredients"]),
+        "members": len(res["members"]),
+        "greedy_minus_best_val": g["val_acc"] - bm["val_acc"],
+        "greedy_minus_best_test": g["test_acc"] - bm["test_acc"],
+        "uniform_minus_best_test": u["test_acc"] - bm["test_acc"],
+        "greedy_bn_minus_best_test": None if gbn is None else gbn["test_acc"] - bm["test_acc"],
+    }
+
+
+DIFFERENCES = {
+    "greedy_minus_best_val": "greedy soup - best member, held-out",
+    "greedy_minus_best_test": "greedy soup - best member, test",
+    "uniform_minus_best_test": "uniform soup - best member, test",
+    "greedy_bn_minus_best_test": "greedy soup (BN recalibrated while choosing) - best member, test",
+}
+
+
+def _describe(values: list[float]) -> dict:
+    n = len(values)
+    mean = sum(values) / n
+    std = (sum((v - mean) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else None
+    return {
+        "n": n,
+        "mean": mean,
+        "std": std,  # sample standard deviation (n - 1)
+        "sem": None if std is None else std / n**0.5,
+        "min": min(values),
+        "max": max(values),
+        "at_least_zero": sum(v >= 0 for v in values),
+        "above_zero": sum(v > 0 for v in values),
+    }
+
+
+def aggregate_seeds(results: list[dict]) -> dict:
+    """Per-seed rows (sorted by seed) and, per difference, mean / std / standard error over seeds."""
+    if not results:
+        raise ValueError("no seed results to aggregate")
+    rows = sorted((seed_row(r) for r in results), key=lambda r: r["seed"])
+    seeds = [r["seed"] for r in rows]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"a seed appears twice: {seeds}")
+    stats = {}
+    for key in DIFFERENCES:
+        vals = [r[key] for r in rows if r[key] is not None]
+        if vals:
+            stats[key] = _describe(vals)
+    return {
+        "seeds": seeds,
+        "rows": rows,
+        "stats": stats,
+        "test_size": results[0]["config"]["test_size"],
+        "val_size": results[0]["config"]["val_size"],
+        "config_name": results[0].get("config_name"),
+    }
+
+
+def render_seeds_markdown(agg: dict, command: str, reports: dict | None = None) -> str:
+    """results/synthesis_<config>_seeds.md. ``reports``: seed -> file name of that seed's full report."""
+    rows, st, n = agg["rows"], agg["stats"], len(agg["rows"])
+    name = agg.get("config_name") or "custom"
+    L = [f"# Soups over {n} seeds: greedy soup vs best member (Fashion-MNIST, config {name})", ""]
+    L.append(f"Regenerate: `{command}` (one thread per run, seeds run one after the other; a seed whose JSON exists "
+             "is read, not rerun). Seed S adds "
+             f"{SEED_STRIDE} x S to every seed of the config: the permutation that sets the held-out split apart, the "
+             "start's initialisation and data order, and each member's data order and augmentation. The members' "
+             "hyper-parameters (learning rate, augmentation, label smoothing, length) are the same in every seed; "
+             f"the test set is the same {agg['test_size']} images in every seed. Best member = highest held-out "
+             f"accuracy ({agg['val_size']} held-out images), the split the greedy soup chooses on.")
+    if reports:
+        L += ["", "Full report of each seed: " + ", ".join(f"seed {s}: [{f}]({f})" for s, f in sorted(reports.items())) + "."]
+    L += ["", "| seed | start test acc | best member | best member held-out acc | best member test acc | uniform soup test acc | "
+          "greedy soup held-out acc | greedy soup test acc | ingredients | greedy - best, held-out | greedy - best, test |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        L.append(f"| {r['seed']} | {r['start_test_acc']:.4f} | {r['best_member']} | {r['best_val_acc']:.4f} | {r['best_test_acc']:.4f} | "
+                 f"{r['uniform_test_acc']:.4f} | {r['greedy_val_acc']:.4f} | {r['greedy_test_acc']:.4f} | "
+                 f"{r['ingredients']} of {r['members']} | {r['greedy_minus_best_val']:+.4f} | {r['greedy_minus_best_test']:+.4f} |")
+    L += ["", "| difference | seeds | mean | std | standard error | min | max | seeds >= 0 | seeds > 0 |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for key, label in DIFFERENCES.items():
+        if key in st:
+            d = st[key]
+            L.append(f"| {label} | {d['n']} | {d['mean']:+.4f} | {_f(d['std'])} | {_f(d['sem'])} | {d['min']:+.4f} | "
+                     f"{d['max']:+.4f} | {d['at_least_zero']} of {d['n']} | {d['above_zero']} of {d['n']} |")
+    L += ["", "std: sample standard deviation over seeds (n - 1); standard error = std / sqrt(seeds).", "", "## Reading", ""]
+    L.append(" ".join(_read_seeds(agg)))
+    return "\n".join(L) + "\n"
+
+
+def _read_seeds(agg: dict) -> list[str]:
+    st, n = agg["stats"], len(agg["rows"])
+    v, t = st["greedy_minus_best_val"], st["greedy_minus_best_test"]
+    L = []
+    held = "it held in every seed" if v["at_least_zero"] == n else "it did not hold in every seed"
+    L.append(f"On held-out data (what the issue asks), greedy soup >= best member in {v['at_least_zero']} of {n} seeds "
+             f"(strictly greater in {v['above_zero']}; mean {v['mean']:+.4f}): {held}. This comparison is not independent evidence: "
+             "the greedy soup starts from the best member and keeps a candidate only when held-out accuracy does not drop, "
+             "so it cannot end below the best member on that split.")
+    held = "it held in every seed" if t["at_least_zero"] == n else "it did not hold in every seed"
+    L.append(f"On the test set, greedy soup >= best member in {t['at_least_zero']} of {n} seeds "
+             f"(strictly greater in {t['above_zero']}): {held}; the difference was {t['mean']:+.4f} on average"
+             + (f" (std {t['std']:.4f}, standard error {t['sem']:.4f})" if t["sem"] is not None else "") + ".")
+    if t["sem"] is not None and t["sem"] > 0:
+        z = t["mean"] / t["sem"]
+        if abs(z) >= 2:
+            L.append(f"The mean test difference is {abs(z):.1f} standard errors {'above' if z > 0 else 'below'} zero.")
+        else:
+            L.append(f"The mean test difference is within two standard errors of zero ({z:+.1f}): with {n} seeds it is "
+                     "not distinguishable from no difference.")
+    elif n == 1:
+        L.append("One seed: no spread to compare against.")
+    u = st.get("uniform_minus_best_test")
+    if u:
+        L.append(f"The uniform soup of all members vs the best member on test: {u['mean']:+.4f} on average, >= in {u['at_least_zero']} of {n} seeds.")
+    p = sum(r["best_test_acc"] for r in agg["rows"]) / n
+    N = agg["test_size"]
+    L.append(f"For scale: one accuracy near {p:.2f} on {N} test images has a binomial standard error of "
+             f"{(p * (1 - p) / N) ** 0.5:.4f}; the greedy soup and the best member are scored on the same images, so their "
+             "difference is less noisy than that, and the spread over seeds above includes the randomness of the "
+             "split, the start and the members.")
+    return L
+
+
+def result_stem(config: str, seed: int = 0) -> str:
+    """File stem of one run's results: synthesis[_<config>][_seed<S>] (seed 0 keeps the historical name)."""
+    return ("synthesis" if config == "full" else f"synthesis_{config}") + (f"_seed{seed}" if seed else "")
+
+
+def load_seed_result(path, config: str, seed: int) -> dict:
+    """A finished run's JSON, checked to be the run of ``config`` at ``seed``; ValueError otherwise."""
+    import json
+    from pathlib import Path
+
+    from .._util import dumps
+
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable results JSON ({type(e).__name__}); move it away to rerun seed {seed}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict) or "soups" not in doc:
+        raise ValueError(f"{path}: not a soups results JSON; move it away to rerun seed {seed}")
+    want = json.loads(dumps(asdict(reseed(CONFIGS[config], seed))))
+    got = dict(doc["config"])
+    for k in ("split_seed", "start_seed"):  # written before --seed existed: both were 0
+        got.setdefault(k, 0)
+    if doc.get("seed", 0) != seed or got != want:
+        raise ValueError(f"{path}: written by another configuration or seed than --config {config} seed {seed}; "
+                         "move it away to rerun that seed")
+    doc["seed"] = seed
+    return doc
