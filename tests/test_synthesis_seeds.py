@@ -167,6 +167,13 @@ def test_aggregate_numbers_and_verdicts():
     assert "greedy soup >= best member in 3 of 3 seeds (strictly greater in 2; mean +0.0100): it held in every seed" in md
     assert "On the test set, greedy soup >= best member in 2 of 3 seeds (strictly greater in 2): it did not hold in every seed" in md
     assert "within two standard errors of zero" in md and "[b.md](b.md)" in md
+    try:
+        from scipy import stats
+    except ImportError:
+        stats = None
+    if stats is not None:  # t = mean / sem with 2 degrees of freedom
+        p = 2 * stats.t.sf(mean / (std / 3**0.5), 2)
+        assert f"two-sided p {p:.2g} from a t distribution with 2 degrees of freedom" in md
     # every seed better on test by a steady margin: the verdict changes
     steady = [_doc(s, best=(0.8, 0.8), greedy=(0.81, 0.81 + 0.001 * s), uniform=(0.8, 0.8)) for s in range(3)]
     md = ex.render_seeds_markdown(ex.aggregate_seeds(steady), "cmd")

@@ -629,6 +629,14 @@ def aggregate_seeds(results: list[dict]) -> dict:
     }
 
 
+def _t_two_sided_p(t: float, dof: int) -> float | None:
+    try:
+        from scipy import stats
+    except ImportError:
+        return None
+    return float(2 * stats.t.sf(abs(t), dof))
+
+
 def render_seeds_markdown(agg: dict, command: str, reports: dict | None = None) -> str:
     """results/synthesis_<config>_seeds.md. ``reports``: seed -> file name of that seed's full report."""
     rows, st, n = agg["rows"], agg["stats"], len(agg["rows"])
@@ -677,13 +685,20 @@ def _read_seeds(agg: dict) -> list[str]:
              + (f" (std {t['std']:.4f}, standard error {t['sem']:.4f})" if t["sem"] is not None else "") + ".")
     if t["sem"] is not None and t["sem"] > 0:
         z = t["mean"] / t["sem"]
+        p = _t_two_sided_p(z, n - 1)
+        pt = "" if p is None else f", two-sided p {p:.2g} from a t distribution with {n - 1} degrees of freedom"
         if abs(z) >= 2:
-            L.append(f"The mean test difference is {abs(z):.1f} standard errors {'above' if z > 0 else 'below'} zero.")
+            L.append(f"The mean test difference is {abs(z):.1f} standard errors {'above' if z > 0 else 'below'} zero ({pt[2:] or 'no p-value: scipy missing'}"
+                     f"; with {n} seeds a rough guide only).")
         else:
-            L.append(f"The mean test difference is within two standard errors of zero ({z:+.1f}): with {n} seeds it is "
+            L.append(f"The mean test difference is within two standard errors of zero ({z:+.1f}{pt}): with {n} seeds it is "
                      "not distinguishable from no difference.")
     elif n == 1:
         L.append("One seed: no spread to compare against.")
+    b = st.get("greedy_bn_minus_best_test")
+    if b:
+        L.append(f"The greedy soup chosen with BN recalibration vs the best member on test: {b['mean']:+.4f} on average "
+                 f"(min {b['min']:+.4f}), >= in {b['at_least_zero']} of {n} seeds.")
     u = st.get("uniform_minus_best_test")
     if u:
         L.append(f"The uniform soup of all members vs the best member on test: {u['mean']:+.4f} on average, >= in {u['at_least_zero']} of {n} seeds.")
