@@ -282,6 +282,12 @@ def test_learning_curve_fits_on_nested_run_subsets_and_scores_the_same_held_out_
     assert len(set(runs[small])) == 15 and small.sum() == 30  # whole runs only
     with pytest.raises(UserError, match="fractions"):
         fit_and_score(X, y, runs, None, ("linear",), train_sizes=(0.0, 1.0))
+    pytest.importorskip("matplotlib")
+    from netanatomy.zoo.predict import prediction_plot
+
+    full = summ[summ["train_size"] == 1.0].iloc[0]
+    title = prediction_plot(rep, "gbm").axes[0].get_title()
+    assert title == f"gbm: R2 {full['r2_mean']:.3f}, tau {full['tau_mean']:.3f}"  # the scores of the points shown
 
 
 def test_map_finds_planted_regions():

@@ -577,6 +577,8 @@ def prediction_plot(report: PredictionReport, predictor: str = "gbm", selection:
     hi = float(max(df["y_true"].max(), df["y_pred"].max())) if len(df) else 1.0
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
     sc = [s for s in report.scores if s["predictor"] == predictor and (selection is None or s["selection"] == selection)]
+    full = max((s.get("train_size", 1.0) for s in sc), default=1.0)
+    sc = [s for s in sc if s.get("train_size", 1.0) == full]  # the points shown come from the largest size
     if sc:
         ax.set_title(f"{predictor}: R2 {np.mean([s['r2'] for s in sc]):.3f}, tau {np.mean([s['tau'] for s in sc]):.3f}")
     ax.set_xlabel(f"true {report.info.get('target', 'target')}")
