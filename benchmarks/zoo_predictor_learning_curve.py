@@ -1,12 +1,16 @@
-"""How the accuracy predictor improves with the number of training runs.
+"""How the accuracy predictor improves with the number of training runs,
+from weights and, for comparison, from the hyper-parameters.
 
     python benchmarks/zoo_predictor_learning_curve.py ZOO_DIR [--epochs final] [--splits 5]
+        [--sizes 0.125,0.25,0.5,1] [--predictors gbm,linear] [--esd]
 
 For each split by run (20 % of runs held out), the predictors are fitted on
-25 / 50 / 75 / 100 % of the remaining runs and scored on the same held-out runs;
-prints mean R^2 and Kendall's tau per size, plus the hyper-parameter baseline
-(predicting from the hyper-parameters instead of the weights, Unterthiner et
-al.'s comparison). Uses the feature cache of ``netanatomy zoo predict``.
+nested random subsets of the remaining runs and scored on the same held-out
+runs (``netanatomy zoo predict --train-sizes`` does the weights part alone);
+prints mean R^2 and Kendall's tau per size for the weight features and for the
+hyper-parameters (Unterthiner et al.'s comparison: predicting from how a net was
+trained instead of from its weights). Uses the feature cache of
+``netanatomy zoo predict``.
 """
 
 from __future__ import annotations
@@ -18,11 +22,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from sklearn.metrics import r2_score  # noqa: E402
-from threadpoolctl import threadpool_limits  # noqa: E402
 
 from netanatomy.zoo.features import open_zoo  # noqa: E402
-from netanatomy.zoo.predict import kendall_tau, make_predictor, select_rows, split_by_run, zoo_features  # noqa: E402
+from netanatomy.zoo.predict import fit_and_score, select_rows, zoo_features  # noqa: E402
+
+
+def hyperparameters(meta: pd.DataFrame) -> pd.DataFrame:
+    """The training settings of each row as numbers (log scale for lr, L2, init std)."""
+    num = [c for c in ("lr", "l2", "dropout", "train_fraction", "init_std", "epoch") if c in meta.columns]
+    cat = [c for c in ("activation", "optimizer", "init") if c in meta.columns]
+    H = pd.get_dummies(meta[num + cat], dtype=float)
+    for c in ("lr", "l2", "init_std"):
+        if c in H.columns:
+            H[c] = np.log10(H[c].astype(float).clip(lower=1e-12))
+    return H
 
 
 def main() -> None:
@@ -31,6 +44,8 @@ def main() -> None:
     ap.add_argument("--epochs", default="final")
     ap.add_argument("--splits", type=int, default=5)
     ap.add_argument("--predictors", default="gbm,linear")
+    ap.add_argument("--sizes", default="0.125,0.25,0.5,1")
+    ap.add_argument("--esd", action="store_true", help="weight features include the ESD metrics")
     args = ap.parse_args()
     zoo = open_zoo(args.zoo)
     df = zoo.metrics
@@ -38,35 +53,18 @@ def main() -> None:
     if "diverged" in df.columns:
         mask &= ~df["diverged"].fillna(False).astype(bool).to_numpy()
     rows = np.flatnonzero(mask)
-    feats = zoo_features(zoo, rows, cache_dir=zoo.root / "features" if zoo.kind == "netanatomy" else None)
-    X = feats.loc[rows].to_numpy()
+    cache = zoo.root / "features" if zoo.kind == "netanatomy" else None
+    X = zoo_features(zoo, rows, cache_dir=cache, esd=args.esd).loc[rows].reset_index(drop=True)
     meta = df.iloc[rows].reset_index(drop=True)
     y = meta["test_acc"].to_numpy(dtype=float)
     runs = meta["run"].astype(str).to_numpy()
-    hcols = [c for c in ("lr", "l2", "dropout", "train_fraction", "init_std", "epoch") if c in meta.columns]
-    H = pd.get_dummies(meta[hcols + [c for c in ("activation", "optimizer", "init") if c in meta.columns]], dtype=float)
-    for c in ("lr", "l2", "init_std"):
-        if c in H.columns:
-            H[c] = np.log10(H[c].astype(float))
-    H = H.to_numpy()
-    results = []
-    with threadpool_limits(1):
-        for s in range(args.splits):
-            tr, te = split_by_run(runs, 0.2, s)
-            train_runs = np.random.default_rng(100 + s).permutation(np.unique(runs[tr]))
-            for frac in (0.25, 0.5, 0.75, 1.0):
-                keep = set(train_runs[: max(2, int(round(frac * len(train_runs))))])
-                sub = tr & np.isin(runs, list(keep))
-                for name in args.predictors.split(","):
-                    for space, M in (("weights", X), ("hparams", H)):
-                        if space == "hparams" and name != "gbm":
-                            continue
-                        m = make_predictor(name, s).fit(M[sub], y[sub])
-                        p = m.predict(M[te])
-                        results.append({"predictor": name, "inputs": space, "train_runs": len(keep),
-                                        "frac": frac, "r2": r2_score(y[te], p), "tau": kendall_tau(y[te], p)})
-    r = pd.DataFrame(results).groupby(["inputs", "predictor", "frac"]).agg(
-        train_runs=("train_runs", "mean"), r2=("r2", "mean"), r2_sd=("r2", "std"), tau=("tau", "mean"), tau_sd=("tau", "std"))
+    sizes = [float(s) for s in args.sizes.split(",")]
+    preds = args.predictors.split(",")
+    frames = []
+    for inputs, M, names in (("weights" + (" + esd" if args.esd else ""), X, preds), ("hparams", hyperparameters(meta), ["gbm"])):
+        rep = fit_and_score(M, y, runs, None, names, splits=args.splits, importance=False, train_sizes=sizes)
+        frames.append(rep.summary_frame().assign(inputs=inputs))
+    r = pd.concat(frames).set_index(["inputs", "predictor", "train_size"])[["train_runs", "r2_mean", "r2_std", "tau_mean", "tau_std"]]
     print(f"zoo {args.zoo}: {len(np.unique(runs))} runs, rows '{args.epochs}', {args.splits} splits, 20% runs held out")
     print(r.round(4).to_string())
 
