@@ -44,6 +44,7 @@ _POWER_ITERS = 1  # power iterations of the range finder
 _COMPACT_AT = 4  # drop finished rows from a batch once 1/4 of it is finished
 _SEED = 0  # fixed: the factorisation of a given input is deterministic
 _DEFAULT_CHUNK_BYTES = 8 << 20  # CPU: X of one chunk stays in the last-level cache
+_MAX_WORKER_CHUNK_BYTES = 64 << 20  # CPU, several worker threads: the largest chunk a thread takes
 
 
 def posneg(weight: torch.Tensor) -> torch.Tensor:
@@ -457,12 +458,28 @@ def _hals_rows(M: torch.Tensor, G: torch.Tensor, c: torch.Tensor, passes: int) -
             row.clamp_(min=0)
 
 
-def _chunk_size(n: int, per_neuron_bytes: int, device: torch.device, chunk_bytes: int | None) -> int:
+def _resolve_workers(workers: int | None, device: torch.device) -> int:
+    if workers is None:
+        return torch.get_num_threads() if device.type == "cpu" else 1
+    if workers < 1:
+        raise ValueError(f"nmf: workers must be at least 1, got {workers}")
+    return int(workers)
+
+
+def _chunk_size(n: int, per_neuron_bytes: int, device: torch.device, chunk_bytes: int | None, workers: int = 1) -> int:
+    """Neurons per chunk. Default on the CPU: ~8 MB of input (one thread), or the
+    layer split evenly among ``workers`` threads (8-64 MB each): several threads
+    contend for the Python interpreter between torch operations, so there fewer,
+    larger operations win over cache locality (measured in results/nmf_benchmark.md)."""
+    per = max(1, per_neuron_bytes)
     if chunk_bytes is None:
         chunk_bytes = _DEFAULT_CHUNK_BYTES if device.type == "cpu" else 0
+        if chunk_bytes and workers > 1:
+            share = -(-n * per // workers)  # ceil
+            chunk_bytes = min(max(chunk_bytes, share), _MAX_WORKER_CHUNK_BYTES)
     if chunk_bytes <= 0:
         return max(1, n)
-    return max(1, min(max(1, n), chunk_bytes // max(1, per_neuron_bytes)))
+    return max(1, min(max(1, n), chunk_bytes // per))
 
 
 def _solve_chunks(
@@ -536,11 +553,7 @@ def _drive(
         return out.result()
     om = _omega(max(s, f), k + _OVERSAMPLE, like) if min(s, f) > k + _OVERSAMPLE else None
     starts = list(range(0, n, step))
-    if workers is None:
-        workers = torch.get_num_threads() if like.device.type == "cpu" else 1
-    elif workers < 1:
-        raise ValueError(f"nmf: workers must be at least 1, got {workers}")
-    workers = min(int(workers), len(starts))
+    workers = min(_resolve_workers(workers, like.device), len(starts))
     args = (n, step)
     rest = (out, om, k, max_iter, tol, check_every, inner_b, inner_a)
     if workers == 1:
@@ -573,8 +586,9 @@ def nmf_batched(
     """Factorise each ``X[n]`` (``(N, S, F)``, non-negative) as ``A[n] @ B[n]``.
 
     Neurons are processed in chunks of about ``chunk_bytes`` of input (default:
-    8 MB on the CPU, so that every sweep reads from cache; all at once on a GPU;
-    0 = one chunk), shared among ``workers`` threads (default on the CPU:
+    8 MB on the CPU with one worker, so that every sweep reads from cache; with
+    several, the layer split evenly among them, 8-64 MB each; all at once on a
+    GPU; 0 = one chunk), shared among ``workers`` threads (default on the CPU:
     torch's thread count; see :func:`_drive`). Neither chunking nor threads
     change the result: every neuron is solved and stopped on its own (see
     :func:`_run`).
@@ -587,7 +601,8 @@ def nmf_batched(
     if check_input and bool((X < 0).any()):
         raise ValueError("NMF needs non-negative input")
     n, s, f = X.shape
-    step = _chunk_size(n, s * f * X.element_size(), X.device, chunk_bytes)
+    workers = _resolve_workers(workers, X.device)
+    step = _chunk_size(n, s * f * X.element_size(), X.device, chunk_bytes, workers)
     return _drive(
         n, s, f, lambda: lambda i, j: X[i:j].contiguous(), step, X, k, max_iter, tol, check_every, inner_b, inner_a, workers
     )
@@ -620,7 +635,8 @@ def reduce_kernels(
     n, c, kh, kw_ = weight.shape
     s, f = kh * kw_, 2 * c
     w = weight.reshape(n, c, s)
-    step = _chunk_size(n, s * f * w.element_size(), w.device, chunk_bytes)
+    workers = _resolve_workers(workers, w.device)
+    step = _chunk_size(n, s * f * w.element_size(), w.device, chunk_bytes, workers)
 
     def chunk_source():
         buf = torch.empty(min(step, n), s, f, dtype=w.dtype, device=w.device)  # one per worker
