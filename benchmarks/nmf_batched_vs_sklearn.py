@@ -5,7 +5,8 @@ Peer: ``sklearn.decomposition.NMF(3, init="nndsvda", solver="cd")`` fitted on
 each neuron's posneg matrix in a Python loop (its defaults otherwise), with its
 BLAS / OpenMP pools limited to one thread (threadpoolctl): one fit per neuron
 on one core. Ours: ``netanatomy.banding.nmf.reduce_kernels`` on the whole layer
-at once, timed with one torch thread and with all threads.
+at once, timed with one torch thread and with all threads (its default: as many
+worker threads as torch threads, each solving its share of the layer's chunks).
 
 Two kinds of kernels, both measured in the same run:
 - ``structured``: kernels with spatial structure as trained layers have (a few
