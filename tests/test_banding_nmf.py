@@ -195,15 +195,68 @@ def test_float64_and_integer_inputs():
 
 
 def test_threaded_chunks_give_the_same_result_and_restore_torch_threads():
-    w = _kernels(11, 20, 5, seed=5)
-    small = 2 * 25 * 40 * 4  # 2 neurons per chunk: 6 chunks shared by the threads
-    one = reduce_kernels(w, chunk_bytes=small, workers=1)
+    # 150 neurons of very different scale in chunks of 12: slow neurons of several
+    # chunks are pooled and solved together (the straggler pool), in every worker
+    import netanatomy.banding.nmf as nmf_mod
+
+    merges = []
+    orig = nmf_mod._Batch.merge
+
+    def counting_merge(parts):
+        merges.append(len(parts))
+        return orig(parts)
+
+    w = torch.randn(150, 16, 5, 5, generator=torch.Generator().manual_seed(3))
+    w = w * torch.rand(150, 1, 1, 1, generator=torch.Generator().manual_seed(4)) ** 3
+    chunk = 12 * 25 * 32 * 4
+    one = reduce_kernels(w, chunk_bytes=chunk, workers=1)
     before = torch.get_num_threads()
-    three = reduce_kernels(w, chunk_bytes=small, workers=3)
+    nmf_mod._Batch.merge = staticmethod(counting_merge)
+    try:
+        for workers in (2, 3, 5):
+            many = reduce_kernels(w, chunk_bytes=chunk, workers=workers)
+            assert torch.equal(one.A, many.A) and torch.equal(one.B, many.B)
+            assert torch.equal(one.err, many.err) and torch.equal(one.sweeps, many.sweeps)
+    finally:
+        nmf_mod._Batch.merge = orig
+    assert any(m > 1 for m in merges)  # the pool was exercised
     assert torch.get_num_threads() == before
-    assert torch.equal(one.A, three.A) and torch.equal(one.B, three.B)
-    assert torch.equal(one.err, three.err) and torch.equal(one.sweeps, three.sweeps)
-    dense = nmf_batched(posneg(w), chunk_bytes=small, workers=2)
+    dense = nmf_batched(posneg(w), chunk_bytes=chunk, workers=2)
     assert torch.allclose(dense.A.reshape(one.A.shape), one.A, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="workers"):
-        reduce_kernels(w, workers=0)
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="workers"):
+            reduce_kernels(w, workers=bad)
+
+
+def test_threaded_solver_runs_under_no_grad_inference_mode_and_on_parameters():
+    conv = torch.nn.Conv2d(12, 40, 3)
+    chunk = 8 * 9 * 24 * 4  # 5 chunks
+    ref = reduce_kernels(conv.weight.detach(), chunk_bytes=chunk, workers=1)
+    for ctx in (torch.no_grad, torch.inference_mode, torch.enable_grad):
+        with ctx():
+            res = reduce_kernels(conv.weight, chunk_bytes=chunk, workers=2)
+        assert torch.equal(res.A, ref.A) and not res.A.requires_grad
+
+
+def test_concurrent_callers_leave_torch_thread_count_as_it_was():
+    import threading
+
+    before = torch.get_num_threads()
+    w = _kernels(30, 16, 3, seed=6)
+    chunk = 4 * 9 * 32 * 4
+    ref = reduce_kernels(w, chunk_bytes=chunk, workers=1)
+    errors = []
+
+    def call():
+        for _ in range(3):
+            r = reduce_kernels(w, chunk_bytes=chunk, workers=2)
+            if not torch.equal(r.A, ref.A):
+                errors.append("different result")
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert torch.get_num_threads() == before

@@ -10,8 +10,9 @@ neuron.
 
 Every neuron is an independent problem; here the neurons of a layer are solved
 as batches of tensors ``(n, S, F)`` in torch (the whole layer at once on a GPU;
-on the CPU in chunks of a few MB so that each chunk's sweeps read X from cache,
-not from main memory). The solver is HALS (hierarchical alternating least
+on the CPU in chunks of ~8 MB so that each chunk's sweeps read X from cache,
+not from main memory, or, with several worker threads, in one or a few equal
+chunks per thread: see :func:`_chunk_size` and :func:`_drive`). The solver is HALS (hierarchical alternating least
 squares: exact coordinate descent, one component at a time, on the Frobenius
 loss - the updates scikit-learn's ``solver="cd"`` makes), with several passes
 over B per product ``A^T X`` (accelerated HALS, Gillis & Glineur 2012: the
@@ -33,7 +34,9 @@ Benchmark: ``benchmarks/nmf_batched_vs_sklearn.py``, results in
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -461,25 +464,34 @@ def _hals_rows(M: torch.Tensor, G: torch.Tensor, c: torch.Tensor, passes: int) -
 def _resolve_workers(workers: int | None, device: torch.device) -> int:
     if workers is None:
         return torch.get_num_threads() if device.type == "cpu" else 1
-    if workers < 1:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"nmf: workers must be at least 1, got {workers}")
     return int(workers)
 
 
 def _chunk_size(n: int, per_neuron_bytes: int, device: torch.device, chunk_bytes: int | None, workers: int = 1) -> int:
-    """Neurons per chunk. Default on the CPU: ~8 MB of input (one thread), or the
-    layer split evenly among ``workers`` threads (8-64 MB each): several threads
-    contend for the Python interpreter between torch operations, so there fewer,
-    larger operations win over cache locality (measured in results/nmf_benchmark.md)."""
+    """Neurons per chunk, the chunks of a layer made equal in size. Default on
+    the CPU: ~8 MB of input per chunk with one worker; with several, as many
+    chunks as workers (or a multiple of it, so that none exceeds 64 MB; fewer
+    chunks when the layer has less than 8 MB per worker): several threads
+    contend for the Python interpreter between torch operations, so fewer,
+    larger operations win there over cache locality (measured in
+    results/nmf_benchmark.md). On a GPU: one chunk."""
+    if n <= 0:
+        return 1
     per = max(1, per_neuron_bytes)
-    if chunk_bytes is None:
-        chunk_bytes = _DEFAULT_CHUNK_BYTES if device.type == "cpu" else 0
-        if chunk_bytes and workers > 1:
-            share = -(-n * per // workers)  # ceil
-            chunk_bytes = min(max(chunk_bytes, share), _MAX_WORKER_CHUNK_BYTES)
-    if chunk_bytes <= 0:
-        return max(1, n)
-    return max(1, min(max(1, n), chunk_bytes // per))
+    total = n * per
+    if chunk_bytes is None and device.type == "cpu" and workers > 1:
+        rounds = -(-total // (workers * _MAX_WORKER_CHUNK_BYTES))  # chunks per worker
+        chunks = workers * rounds if total >= workers * _DEFAULT_CHUNK_BYTES else -(-total // _DEFAULT_CHUNK_BYTES)
+    else:
+        if chunk_bytes is None:
+            chunk_bytes = _DEFAULT_CHUNK_BYTES if device.type == "cpu" else 0
+        if chunk_bytes <= 0:
+            return n
+        chunks = -(-n // max(1, chunk_bytes // per))
+    chunks = max(1, min(n, chunks))
+    return -(-n // chunks)
 
 
 def _solve_chunks(
@@ -559,16 +571,41 @@ def _drive(
     if workers == 1:
         _solve_chunks(starts, *args, chunk_source(), *rest)
         return out.result()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one torch thread per worker: no nested thread teams
-    try:
+    inference = torch.is_inference_mode_enabled()
+
+    def work(part: list[int], chunk_x) -> None:
+        # grad and inference modes are per thread: the workers take the caller's
+        with torch.inference_mode(inference), torch.no_grad():
+            _solve_chunks(part, *args, chunk_x, *rest)
+
+    with _one_torch_thread():  # one torch thread per worker: no nested thread teams
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nmf") as ex:
-            futures = [ex.submit(_solve_chunks, starts[w::workers], *args, chunk_source(), *rest) for w in range(workers)]
+            futures = [ex.submit(work, starts[w::workers], chunk_source()) for w in range(workers)]
             for fut in futures:
                 fut.result()
-    finally:
-        torch.set_num_threads(threads)
     return out.result()
+
+
+_THREADS_LOCK = threading.Lock()
+_THREADS_STATE = {"users": 0, "saved": 0}
+
+
+@contextmanager
+def _one_torch_thread():
+    """torch's thread count is 1 inside; the first of several concurrent callers
+    saves the count and the last one out restores it (the count is process-wide)."""
+    with _THREADS_LOCK:
+        if _THREADS_STATE["users"] == 0:
+            _THREADS_STATE["saved"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _THREADS_STATE["users"] += 1
+    try:
+        yield
+    finally:
+        with _THREADS_LOCK:
+            _THREADS_STATE["users"] -= 1
+            if _THREADS_STATE["users"] == 0:
+                torch.set_num_threads(_THREADS_STATE["saved"])
 
 
 def nmf_batched(
@@ -596,6 +633,7 @@ def nmf_batched(
     if X.dim() != 3:
         raise ValueError(f"expected a batch of matrices (N, S, F), got {tuple(X.shape)}")
     _check_args(k, max_iter, tol, check_every, inner_b, inner_a)
+    X = X.detach()  # the solver is not differentiable (and writes into buffers in place)
     if X.dtype not in (torch.float32, torch.float64):
         X = X.float()
     if check_input and bool((X < 0).any()):
@@ -630,6 +668,7 @@ def reduce_kernels(
     if weight.dim() != 4:
         raise ValueError(f"expected (out, in, kh, kw) kernels, got shape {tuple(weight.shape)}")
     _check_args(k, max_iter, tol, check_every, inner_b, inner_a)
+    weight = weight.detach()  # the solver is not differentiable (and writes into buffers in place)
     if weight.dtype not in (torch.float32, torch.float64):
         weight = weight.float()
     n, c, kh, kw_ = weight.shape
