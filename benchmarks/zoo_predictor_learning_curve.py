@@ -56,14 +56,22 @@ def main() -> None:
     cache = zoo.root / "features" if zoo.kind == "netanatomy" else None
     X = zoo_features(zoo, rows, cache_dir=cache, esd=args.esd).loc[rows].reset_index(drop=True)
     meta = df.iloc[rows].reset_index(drop=True)
+    # the same rows for both inputs (rows with non-finite features are dropped),
+    # so that both are scored on the same held-out runs
+    H = hyperparameters(meta)
+    ok = np.isfinite(X.to_numpy(dtype=float)).all(1) & np.isfinite(H.to_numpy(dtype=float)).all(1)
+    X, H, meta = X[ok].reset_index(drop=True), H[ok].reset_index(drop=True), meta[ok].reset_index(drop=True)
     y = meta["test_acc"].to_numpy(dtype=float)
     runs = meta["run"].astype(str).to_numpy()
     sizes = [float(s) for s in args.sizes.split(",")]
     preds = args.predictors.split(",")
     frames = []
-    for inputs, M, names in (("weights" + (" + esd" if args.esd else ""), X, preds), ("hparams", hyperparameters(meta), ["gbm"])):
+    for inputs, M, names in (("weights" + (" + esd" if args.esd else ""), X, preds), ("hparams", H, ["gbm"])):
         rep = fit_and_score(M, y, runs, None, names, splits=args.splits, importance=False, train_sizes=sizes)
-        frames.append(rep.summary_frame().assign(inputs=inputs))
+        summ = rep.summary_frame()
+        if "train_size" not in summ.columns:  # a single size of 1
+            summ["train_size"] = 1.0
+        frames.append(summ.assign(inputs=inputs))
     r = pd.concat(frames).set_index(["inputs", "predictor", "train_size"])[["train_runs", "r2_mean", "r2_std", "tau_mean", "tau_std"]]
     print(f"zoo {args.zoo}: {len(np.unique(runs))} runs, rows '{args.epochs}', {args.splits} splits, 20% runs held out")
     print(r.round(4).to_string())

@@ -282,6 +282,11 @@ def test_learning_curve_fits_on_nested_run_subsets_and_scores_the_same_held_out_
     assert len(set(runs[small])) == 15 and small.sum() == 30  # whole runs only
     with pytest.raises(UserError, match="fractions"):
         fit_and_score(X, y, runs, None, ("linear",), train_sizes=(0.0, 1.0))
+    with pytest.raises(UserError, match="fractions"):
+        fit_and_score(X, y, runs, None, ("linear",), train_sizes="0")
+    # a subset too small for the MLP's validation split: one line, not a traceback
+    with pytest.raises(UserError, match="mlp could not be fitted on 4 training rows"):
+        fit_and_score(X, y, runs, None, ("mlp",), splits=1, train_sizes=(0.01, 1.0))
     pytest.importorskip("matplotlib")
     from netanatomy.zoo.predict import prediction_plot
 

@@ -318,6 +318,8 @@ def fit_and_score(
 
 def check_train_sizes(train_sizes: Sequence[float]) -> tuple[float, ...]:
     """Sorted, distinct learning-curve fractions, each in (0, 1]."""
+    if isinstance(train_sizes, (str, bytes)) or not hasattr(train_sizes, "__iter__"):
+        train_sizes = [train_sizes]
     train_sizes = list(train_sizes)
     try:
         sizes = tuple(sorted({float(f) for f in train_sizes}))
@@ -361,10 +363,15 @@ def _fit_and_score(X, y, runs, meta, predictors, splits, test_fraction, seed, se
         last = size == sizes[-1]
         for name in predictors:
             model = make_predictor(name, seed + s)
-            if getattr(model, "needs_groups", False):
-                model.fit(X[tr].to_numpy(), y[tr], groups=runs[tr])
-            else:
-                model.fit(X[tr].to_numpy(), y[tr])
+            try:
+                if getattr(model, "needs_groups", False):
+                    model.fit(X[tr].to_numpy(), y[tr], groups=runs[tr])
+                else:
+                    model.fit(X[tr].to_numpy(), y[tr])
+            except ValueError as exc:  # e.g. too few rows for the MLP's validation split
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise UserError(f"predictor {name} could not be fitted on {int(tr.sum())} training rows "
+                                f"({len(set(runs[tr]))} runs{f', train size {size}' if curve else ''}): {first}") from None
             p = model.predict(X[te].to_numpy())
             scores.append({
                 "selection": selection, "split": s, "predictor": name,
