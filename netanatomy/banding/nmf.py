@@ -222,12 +222,30 @@ def _sq_error(
     return (XX - 2 * cross + quad).clamp(min=0)
 
 
-def _check_args(k: int, max_iter: int, tol: float, check_every: int, inner_b: int, inner_a: int) -> None:
-    if k < 1 or max_iter < 0 or tol < 0 or check_every < 1 or inner_b < 1 or inner_a < 1:
-        raise ValueError(
-            "nmf: need k >= 1, max_iter >= 0, tol >= 0, check_every >= 1, inner_b >= 1, inner_a >= 1; got "
-            f"k={k}, max_iter={max_iter}, tol={tol}, check_every={check_every}, inner_b={inner_b}, inner_a={inner_a}"
-        )
+@dataclass(frozen=True)
+class _Settings:
+    """The solver's settings, checked once."""
+
+    k: int
+    max_iter: int
+    tol: float
+    check_every: int
+    inner_b: int
+    inner_a: int
+
+    def __post_init__(self) -> None:
+        k, max_iter, tol, check_every, inner_b, inner_a = (self.k, self.max_iter, self.tol, self.check_every,
+                                                            self.inner_b, self.inner_a)
+        if k < 1 or max_iter < 0 or tol < 0 or check_every < 1 or inner_b < 1 or inner_a < 1:
+            raise ValueError(
+                "nmf: need k >= 1, max_iter >= 0, tol >= 0, check_every >= 1, inner_b >= 1, inner_a >= 1; got "
+                f"k={k}, max_iter={max_iter}, tol={tol}, check_every={check_every}, inner_b={inner_b}, inner_a={inner_a}"
+            )
+
+    @property
+    def sweeps(self) -> tuple[int, int, int, int]:
+        """What :func:`_run` takes: max_iter, check_every, inner_b, inner_a."""
+        return self.max_iter, self.check_every, self.inner_b, self.inner_a
 
 
 class _Batch:
@@ -495,18 +513,7 @@ def _chunk_size(n: int, per_neuron_bytes: int, device: torch.device, chunk_bytes
 
 
 def _solve_chunks(
-    starts: list[int],
-    n: int,
-    step: int,
-    chunk_x,
-    out: _Out,
-    om: torch.Tensor | None,
-    k: int,
-    max_iter: int,
-    tol: float,
-    check_every: int,
-    inner_b: int,
-    inner_a: int,
+    starts: list[int], n: int, step: int, chunk_x, out: _Out, om: torch.Tensor | None, cfg: _Settings
 ) -> None:
     """Solve the chunks of neurons starting at ``starts`` (each ``step`` long):
     ``chunk_x(i, j)`` gives the dense ``(j - i, S, F)`` posneg matrices of
@@ -520,19 +527,19 @@ def _solve_chunks(
         j = min(n, i + step)
         idx = torch.arange(i, j, device=out.A.device)
         xc = chunk_x(i, j)
-        b = _start(xc, idx, k, tol, check_every, om)
+        b = _start(xc, idx, cfg.k, cfg.tol, cfg.check_every, om)
         XX = b.XX
-        rest = _run(b, out, max_iter, check_every, inner_b, inner_a, pause, defer_err=True)
+        rest = _run(b, out, *cfg.sweeps, pause, defer_err=True)
         # true errors of the chunk's finished neurons from one product with the chunk
         # (stragglers get theirs when they finish)
         out.err2[i:j] = _true_sq_error(xc, XX, out.A[i:j], out.B[i:j])
         if rest is not None:
             pool.append(rest)
         if sum(p.n_alive for p in pool) >= step and pos + 1 < len(starts):
-            rest = _run(_Batch.merge(pool), out, max_iter, check_every, inner_b, inner_a, pause)
+            rest = _run(_Batch.merge(pool), out, *cfg.sweeps, pause)
             pool = [rest] if rest is not None else []
     if pool:
-        _run(_Batch.merge(pool), out, max_iter, check_every, inner_b, inner_a, 0)
+        _run(_Batch.merge(pool), out, *cfg.sweeps, 0)
 
 
 def _drive(
@@ -542,12 +549,7 @@ def _drive(
     chunk_source,
     step: int,
     like: torch.Tensor,
-    k: int,
-    max_iter: int,
-    tol: float,
-    check_every: int,
-    inner_b: int,
-    inner_a: int,
+    cfg: _Settings,
     workers: int | None = None,
 ) -> NMFResult:
     """Solve ``n`` neurons in chunks of ``step``. ``chunk_source()`` makes a
@@ -560,23 +562,21 @@ def _drive(
     (torch releases the GIL inside its operations). Every neuron is solved and
     stopped on its own, so the result does not depend on ``workers``.
     """
-    out = _Out(n, s, f, k, like.dtype, like.device)
+    out = _Out(n, s, f, cfg.k, like.dtype, like.device)
     if n == 0:
         return out.result()
-    om = _omega(max(s, f), k + _OVERSAMPLE, like) if min(s, f) > k + _OVERSAMPLE else None
+    om = _omega(max(s, f), cfg.k + _OVERSAMPLE, like) if min(s, f) > cfg.k + _OVERSAMPLE else None
     starts = list(range(0, n, step))
     workers = min(_resolve_workers(workers, like.device), len(starts))
-    args = (n, step)
-    rest = (out, om, k, max_iter, tol, check_every, inner_b, inner_a)
     if workers == 1:
-        _solve_chunks(starts, *args, chunk_source(), *rest)
+        _solve_chunks(starts, n, step, chunk_source(), out, om, cfg)
         return out.result()
     inference = torch.is_inference_mode_enabled()
 
     def work(part: list[int], chunk_x) -> None:
         # grad and inference modes are per thread: the workers take the caller's
         with torch.inference_mode(inference), torch.no_grad():
-            _solve_chunks(part, *args, chunk_x, *rest)
+            _solve_chunks(part, n, step, chunk_x, out, om, cfg)
 
     with _one_torch_thread():  # one torch thread per worker: no nested thread teams
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nmf") as ex:
@@ -632,7 +632,7 @@ def nmf_batched(
     """
     if X.dim() != 3:
         raise ValueError(f"expected a batch of matrices (N, S, F), got {tuple(X.shape)}")
-    _check_args(k, max_iter, tol, check_every, inner_b, inner_a)
+    cfg = _Settings(k, max_iter, tol, check_every, inner_b, inner_a)
     X = X.detach()  # the solver is not differentiable (and writes into buffers in place)
     if X.dtype not in (torch.float32, torch.float64):
         X = X.float()
@@ -641,9 +641,7 @@ def nmf_batched(
     n, s, f = X.shape
     workers = _resolve_workers(workers, X.device)
     step = _chunk_size(n, s * f * X.element_size(), X.device, chunk_bytes, workers)
-    return _drive(
-        n, s, f, lambda: lambda i, j: X[i:j].contiguous(), step, X, k, max_iter, tol, check_every, inner_b, inner_a, workers
-    )
+    return _drive(n, s, f, lambda: lambda i, j: X[i:j].contiguous(), step, X, cfg, workers)
 
 
 def reduce_kernels(
@@ -667,7 +665,7 @@ def reduce_kernels(
     """
     if weight.dim() != 4:
         raise ValueError(f"expected (out, in, kh, kw) kernels, got shape {tuple(weight.shape)}")
-    _check_args(k, max_iter, tol, check_every, inner_b, inner_a)
+    cfg = _Settings(k, max_iter, tol, check_every, inner_b, inner_a)
     weight = weight.detach()  # the solver is not differentiable (and writes into buffers in place)
     if weight.dtype not in (torch.float32, torch.float64):
         weight = weight.float()
@@ -690,6 +688,6 @@ def reduce_kernels(
 
         return chunk_x
 
-    res = _drive(n, s, f, chunk_source, step, w, k, max_iter, tol, check_every, inner_b, inner_a, workers)
+    res = _drive(n, s, f, chunk_source, step, w, cfg, workers)
     res.A = res.A.reshape(n, kh, kw_, k)
     return res
