@@ -1,19 +1,31 @@
-"""Analysis registry and base classes.
+"""Analysis registry and the base class that runs every analysis.
 
-An analysis is a class registered under a short name::
+An analysis is a class registered under a short name. It fills in hooks; the
+base's :meth:`Analysis.run` owns the loop (the estimator contract of
+scikit-learn, the shared base of captum's methods)::
 
     @register_analysis("esd")
-    class SpectralAnalysis(LayerwiseAnalysis):
+    class SpectralAnalysis(Analysis):
         title = "Spectral health"
         Options = SpectralOptions          # a dataclass; CLI --set esd.key=value
 
-        def applies_to(self, layer): ...
-        def analyze_layer(self, layer, options) -> dict | list[dict]: ...
-        def render(self, result) -> list[Block]: ...   # optional, for the report
+        def prepare(self, model, options) -> context: ...        # optional
+        def applies_to(self, layer) -> bool: ...                # optional
+        def analyze_layer(self, layer, options, context) -> dict | list[dict]: ...
+        def summarize(self, records, options, context) -> dict: ...  # optional
+        def finalize(self, result, context) -> None: ...        # optional
 
-``run`` returns an :class:`AnalysisResult`: one record per layer (each with a
-``layer`` field), a model-level summary, and free-form ``extras`` for pictures.
-Computation never prints or plots; ``render`` turns a result into report blocks.
+``run`` calls, in order: ``prepare`` (per-run state goes in the context it
+returns, never on ``self``), ``select_layers`` (by default the layers
+``applies_to`` accepts), ``analyze_layer`` for each layer (in this thread, or in
+``layer_workers`` threads with one BLAS thread each), ``summarize`` over the
+records that did not fail, then ``finalize`` (ranks, extras, whole-model
+results). A layer whose ``analyze_layer`` raises becomes one record with
+``error`` and the other layers go on. The base adds ``layers_analysed`` /
+``layers_failed`` to the summary and times the run.
+
+Computation never prints or plots: report blocks are made from the result by
+:mod:`netanatomy.report.render`, which imports the analyses, not the other way.
 
 Built-in analyses are listed in ``_BUILTIN`` (module paths), imported on first
 use so that importing netanatomy stays cheap.
@@ -27,11 +39,13 @@ import math
 import time
 import traceback
 import typing
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
 
 from .errors import LayerError, UserError
 from .model import Layer, Model
+from .parallel import limit_threads
 
 # name -> module that registers it. Adding an analysis = one line here.
 _BUILTIN: dict[str, str] = {
@@ -112,27 +126,76 @@ class NoOptions:
     pass
 
 
+@dataclass
+class RunContext:
+    """The default per-run context: the model and the options. Analyses that
+    need more state return their own object from ``prepare``."""
+
+    model: Model
+    options: Any
+
+
 class Analysis:
-    """Base class. Subclasses set ``title`` and implement ``run``."""
+    """Base class: subclasses set ``title`` and ``Options`` and implement
+    ``analyze_layer`` (and, as needed, the other hooks); they do not override
+    ``run``."""
 
     name: ClassVar[str] = ""
     title: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
 
+    # -- hooks ----------------------------------------------------------------
+    def prepare(self, model: Model, options: Any) -> Any:
+        """Check the options, open what the run needs; returns the run's context."""
+        return RunContext(model, options)
+
     def applies_to(self, layer: Layer) -> bool:
         return True
 
+    def select_layers(self, model: Model, options: Any, context: Any) -> list[Layer]:
+        """The layers ``analyze_layer`` is called on, in model order."""
+        return [layer for layer in model.layers if self.applies_to(layer)]
+
+    def analyze_layer(self, layer: Layer, options: Any, context: Any) -> dict | list[dict]:
+        """One record (or several, e.g. per conv slice) for ``layer``."""
+        raise NotImplementedError
+
+    def layer_workers(self, layers: list[Layer], options: Any, context: Any) -> int:
+        """How many layers run at once (threads); 1 runs them in this thread.
+        ``analyze_layer`` must then be safe to call from several threads."""
+        return 1
+
+    def summarize(self, records: list[dict], options: Any, context: Any) -> dict:
+        """Model-level summary from the records that did not fail."""
+        return {}
+
+    def finalize(self, result: AnalysisResult, context: Any) -> None:
+        """Last look at the whole result (ranks, extras, whole-model records)."""
+
+    # -- the loop ---------------------------------------------------------------
     def run(
         self, model: Model, options: Any = None, progress: Progress | None = None
     ) -> AnalysisResult:
-        raise NotImplementedError
-
-    def render(self, result: AnalysisResult) -> list:
-        """Report blocks for ``result``; the default is one table of the records."""
-        from .report.blocks import Table
-
-        return [Table.from_records(result.records)]
+        options = options if options is not None else self.make_options()
+        start = time.perf_counter()
+        context = self.prepare(model, options)
+        layers = list(self.select_layers(model, options, context))
+        workers = max(1, int(self.layer_workers(layers, options, context)))
+        per_layer = run_layers(
+            lambda layer: self.analyze_layer(layer, options, context), layers, workers, progress
+        )
+        result = AnalysisResult(
+            analysis=self.name,
+            records=[r for rows in per_layer for r in rows],
+            options=dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {},
+        )
+        result.summary = dict(self.summarize(result.ok_records, options, context) or {})
+        self.finalize(result, context)
+        result.summary.setdefault("layers_analysed", len(result.ok_records))
+        result.summary.setdefault("layers_failed", len(result.errors))
+        result.seconds = time.perf_counter() - start
+        return result
 
     # -- options --------------------------------------------------------------
     @classmethod
@@ -154,42 +217,42 @@ class Analysis:
         return cls.Options(**kwargs)
 
 
-class LayerwiseAnalysis(Analysis):
-    """An analysis that treats each applicable layer on its own.
+# The name under which layer-by-layer analyses were written before the base
+# owned the loop; every analysis is now layer by layer.
+LayerwiseAnalysis = Analysis
 
-    ``analyze_layer`` returns one record (or several, e.g. per conv slice). A
-    layer that raises gets a record with ``error`` and the others go on.
+
+def run_layers(
+    fn: Callable[[Layer], Any], layers: list[Layer], workers: int = 1, progress: Progress | None = None
+) -> list[list[dict]]:
+    """``run_layer_safely(fn, layer)`` for every layer, in input order.
+
+    With ``workers > 1`` the layers run in that many threads, torch and the
+    BLAS library limited to one thread each (the layers fill the cores);
+    otherwise one after the other with the BLAS library held to torch's thread
+    count. ``progress(label, done, total)`` is called as layers start (serial)
+    or finish (threaded), and once at the end with an empty label.
     """
-
-    def analyze_layer(self, layer: Layer, options: Any) -> dict | list[dict]:
-        raise NotImplementedError
-
-    def summarize(self, records: list[dict], options: Any) -> dict:
-        return {}
-
-    def run(
-        self, model: Model, options: Any = None, progress: Progress | None = None
-    ) -> AnalysisResult:
-        options = options if options is not None else self.make_options()
-        layers = [layer for layer in model.layers if self.applies_to(layer)]
-        start = time.perf_counter()
-        records: list[dict] = []
-        for i, layer in enumerate(layers):
-            if progress:
-                progress(layer.name, i, len(layers))
-            records.extend(run_layer_safely(self.analyze_layer, layer, options))
-        if progress:
-            progress("", len(layers), len(layers))
-        result = AnalysisResult(
-            analysis=self.name,
-            records=records,
-            options=dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {},
-        )
-        result.summary = self.summarize(result.ok_records, options)
-        result.summary.setdefault("layers_analysed", len(result.ok_records))
-        result.summary.setdefault("layers_failed", len(result.errors))
-        result.seconds = time.perf_counter() - start
-        return result
+    n = len(layers)
+    out: list[list[dict]] = [[] for _ in layers]
+    if workers > 1 and n > 1:
+        with limit_threads(1):
+            with ThreadPoolExecutor(max_workers=min(workers, n)) as pool:
+                futs = {pool.submit(run_layer_safely, fn, layer): i for i, layer in enumerate(layers)}
+                for done, fut in enumerate(as_completed(futs), 1):
+                    i = futs[fut]
+                    out[i] = fut.result()
+                    if progress:
+                        progress(layers[i].name, done, n)
+    else:
+        with limit_threads(None):
+            for i, layer in enumerate(layers):
+                if progress:
+                    progress(layer.name, i, n)
+                out[i] = run_layer_safely(fn, layer)
+    if progress:
+        progress("", n, n)
+    return out
 
 
 def run_layer_safely(fn: Callable[..., Any], layer: Layer, *args) -> list[dict]:

@@ -24,6 +24,7 @@ threads a backend happens to give a task.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -50,6 +51,7 @@ __all__ = [
     "RunSummary",
     "is_done",
     "read_done",
+    "limit_threads",
 ]
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
@@ -101,6 +103,35 @@ def _invoke(fn: Callable, payload: Any, threads: int | None) -> tuple[bool, Any]
         return True, fn(payload)
     except Exception as exc:  # one bad item never stops the others
         return False, (f"{type(exc).__name__}: {exc}", traceback.format_exc())
+
+
+def _blas_limit(n: int):
+    """Limit the threads of the BLAS library numpy / scipy use (scipy's syrk
+    builds the spectral analysis' large Gram matrices); a no-op context when
+    threadpoolctl is not installed."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=n, user_api="blas")
+
+
+@contextlib.contextmanager
+def limit_threads(n: int | None):
+    """Within the block, torch uses ``n`` threads and the BLAS library as many
+    (``None``: torch keeps its count and the BLAS library follows it). Used to
+    run layers in threads, one core each, so that N threads use N cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    with _blas_limit(before if n is None else n):
+        if n is not None and n != before:
+            torch.set_num_threads(n)
+        try:
+            yield
+        finally:
+            if torch.get_num_threads() != before:
+                torch.set_num_threads(before)
 
 
 class Executor(ABC):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .analysis import AnalysisResult, LayerwiseAnalysis, register_analysis
+from .analysis import Analysis, register_analysis
 from .model import Layer, LayerKind
 
 QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -73,7 +73,7 @@ def quantiles(x: torch.Tensor, qs=QUANTILES) -> list[float]:
 
 
 @register_analysis("stats")
-class WeightStats(LayerwiseAnalysis):
+class WeightStats(Analysis):
     title = "Weight statistics"
     description = (
         "Per-layer distribution of the weights: mean, standard deviation, percentiles, "
@@ -85,7 +85,7 @@ class WeightStats(LayerwiseAnalysis):
     def applies_to(self, layer: Layer) -> bool:
         return layer.kind != LayerKind.OTHER
 
-    def analyze_layer(self, layer: Layer, options: StatsOptions) -> dict:
+    def analyze_layer(self, layer: Layer, options: StatsOptions, context) -> dict:
         w = layer.weight()
         rec = {"layer": layer.name, "kind": str(layer.kind), "params": layer.num_params}
         rec.update(tensor_stats(w, zero_tol=options.zero_tol))
@@ -100,7 +100,7 @@ class WeightStats(LayerwiseAnalysis):
             rec.update(tensor_stats(b, prefix="bias_", zero_tol=options.zero_tol))
         return rec
 
-    def summarize(self, records: list[dict], options) -> dict:
+    def summarize(self, records: list[dict], options, context) -> dict:
         if not records:
             return {}
         total = sum(r["params"] for r in records)
@@ -110,19 +110,3 @@ class WeightStats(LayerwiseAnalysis):
             "dead_units": dead,
             "max_abs_weight": max(max(abs(r["q0"]), abs(r["q100"])) for r in records),
         }
-
-    def render(self, result: AnalysisResult) -> list:
-        from .report.blocks import Callout, Image, Table, have_matplotlib
-
-        blocks: list = []
-        if result.summary.get("dead_units"):
-            blocks.append(Callout(f"{result.summary['dead_units']} output units have all-zero weights.", "warn"))
-        matrices = [r for r in result.ok_records if r.get("kind") != str(LayerKind.NORM)]
-        if have_matplotlib() and matrices:
-            from .plots import depth_plot
-
-            fig = depth_plot(matrices, ["std", "unit_norm_cv"], title="Weight spread across depth")
-            blocks.append(Image.from_figure(fig, "Standard deviation of the weights and the coefficient of variation of per-unit norms, for each conv / linear / embedding / attention layer in model order (norm layers left out)."))
-        cols = ["layer", "kind", "params", "mean", "std", "q0", "q50", "q100", "fro_norm", "unit_norm_cv", "zero_fraction", "error"]
-        blocks.append(Table.from_records(result.records, [c for c in cols if any(c in r for r in result.records)]))
-        return blocks

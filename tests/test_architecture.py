@@ -192,7 +192,7 @@ def test_experiments_live_in_experiments():
 @pytest.mark.parametrize(
     "lower",
     ["netanatomy.errors", "netanatomy._util", "netanatomy.model", "netanatomy.io",
-     pytest.param("netanatomy.analysis", marks=pytest.mark.xfail(strict=True, reason="issue 16: analysis.py imports report.blocks"))],
+     "netanatomy.analysis"],
 )
 def test_lower_floors_do_not_import_upper_ones(lower):
     upper = ("netanatomy.report", "netanatomy.cli", "netanatomy.experiments")

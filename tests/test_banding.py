@@ -194,6 +194,7 @@ class _GapNet3(nn.Module):
 def test_analysis_on_tiny_gap_model_marks_last_conv():
     import netanatomy
     from netanatomy.analysis import run_analyses
+    from netanatomy.report.render import render
 
     torch.manual_seed(0)
     m = _GapNet3()
@@ -209,7 +210,7 @@ def test_analysis_on_tiny_gap_model_marks_last_conv():
     assert result.summary["last_conv_before_global_pool"] == last.name
     for key in ("layer", "banded_fraction", "orientation", "v_y_median", "v_x_median", "type0_share"):
         assert key in recs[last.name]
-    blocks = analysis.render(result)
+    blocks = render(analysis, result)
     assert blocks
 
 

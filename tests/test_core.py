@@ -80,7 +80,7 @@ def test_one_failing_layer_does_not_stop_the_others(tiny_cnn):
     class Picky(LayerwiseAnalysis):
         name = "picky"
 
-        def analyze_layer(self, layer, options):
+        def analyze_layer(self, layer, options, context):
             if layer.name == "conv2":
                 raise ValueError("boom")
             return {"ok": True}

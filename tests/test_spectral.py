@@ -14,6 +14,7 @@ from netanatomy.spectral.analysis import SpectralAnalysis, SpectralOptions, anal
 from netanatomy.spectral.esd import layer_matrices, spectrum_of
 from netanatomy.spectral.metrics import mp_fit
 from netanatomy.spectral.powerlaw import compare_tail, fit_power_law
+from netanatomy.report.render import render
 
 
 @pytest.fixture(autouse=True)
@@ -278,7 +279,7 @@ def test_bad_matrices_give_rows_with_reasons():
     assert math.isfinite(rows["good"]["alpha"]) and rows["good"]["fit_reason"] is None
     s = res.summary
     assert s["failed_fits"] == 5 and s["layers_failed"] == 1
-    blocks = SpectralAnalysis().render(res)  # the report copes with all of it
+    blocks = render("esd", res)  # the report copes with all of it
     assert blocks
 
 

@@ -6,9 +6,10 @@ the definitions."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from ..analysis import AnalysisResult, LayerwiseAnalysis, register_analysis
+from .._util import default_device
+from ..analysis import Analysis, AnalysisResult, register_analysis
 from ..model import Layer, LayerKind, Model
 from .core import analyse_weight
 
@@ -40,8 +41,18 @@ def _check(o: BandingOptions) -> None:
         raise UserError("banding: min_kernel and max_iter must be >= 1, max_neurons and tol >= 0")
 
 
+@dataclass
+class BandingRun:
+    """Per-run state of ``banding``: each analysed layer's full result (for the
+    pictures), filled as layers finish."""
+
+    model: Model
+    device: object
+    detail: dict = field(default_factory=dict)
+
+
 @register_analysis("banding")
-class BandingAnalysis(LayerwiseAnalysis):
+class BandingAnalysis(Analysis):
     title = "Weight banding"
     description = (
         "Each conv neuron's spatial weights reduced to a 3-colour picture by posneg NMF; "
@@ -52,19 +63,20 @@ class BandingAnalysis(LayerwiseAnalysis):
     )
     Options = BandingOptions
 
-    def __init__(self) -> None:
-        self._detail: dict = {}
-
-    def applies_to(self, layer: Layer) -> bool:
+    def applies_to(self, layer: Layer, min_kernel: int = 3) -> bool:
         if layer.kind != LayerKind.CONV2D or len(layer.shape) != 4:
             return False
-        return min(layer.shape[2], layer.shape[3]) >= self._min_kernel
+        return min(layer.shape[2], layer.shape[3]) >= min_kernel
 
-    _min_kernel = 3
+    def prepare(self, model: Model, options: BandingOptions) -> BandingRun:
+        _check(options)
+        return BandingRun(model, default_device())
 
-    def analyze_layer(self, layer: Layer, options: BandingOptions) -> dict:
-        from .._util import default_device
+    def select_layers(self, model: Model, options: BandingOptions, context: BandingRun) -> list[Layer]:
+        k = max(1, int(options.min_kernel))
+        return [layer for layer in model.layers if self.applies_to(layer, k)]
 
+    def analyze_layer(self, layer: Layer, options: BandingOptions, context: BandingRun) -> dict:
         w = layer.weight()
         lb = analyse_weight(
             layer.name,
@@ -76,49 +88,17 @@ class BandingAnalysis(LayerwiseAnalysis):
             min_fraction=options.min_fraction,
             max_neurons=options.max_neurons,
             seed=options.seed,
-            device=default_device(),
+            device=context.device,
             max_iter=options.max_iter,
             tol=options.tol,
         )
-        self._detail[layer.name] = lb
+        context.detail[layer.name] = lb
         return dict(lb.record)
 
-    def run(self, model: Model, options: BandingOptions | None = None, progress=None) -> AnalysisResult:
-        options = options if options is not None else self.make_options()
-        _check(options)
-        self._min_kernel = max(1, int(options.min_kernel))
-        self._detail = {}
-        result = super().run(model, options, progress)
-        last = model.last_conv_before_global_pool()
-        known = model.graph is not None
-        ok = [r for r in result.records if not r.get("error")]
-        ranked = sorted(ok, key=lambda r: -(r.get("banding_score") if r.get("banding_score") == r.get("banding_score") else -1))
-        for i, r in enumerate(ranked):
-            r["rank"] = i + 1
-        for r in result.records:
-            if known:
-                r["before_global_pool"] = bool(model.global_pool_after(r["layer"]))
-            r["last_conv_before_global_pool"] = bool(last is not None and r["layer"] == last.name)
-        result.extras["layers"] = self._detail
-        result.extras["ranked"] = [r["layer"] for r in ranked]
-        result.summary = self.summarize(ok, options)
-        result.summary["graph_known"] = known
-        result.summary["last_conv_before_global_pool"] = last.name if last is not None else None
-        if last is not None and last.name in self._detail:
-            rec = self._detail[last.name].record
-            result.summary["last_conv_orientation"] = rec["orientation"]
-            result.summary["last_conv_banded_fraction"] = rec["banded_fraction"]
-            result.summary["last_conv_v_y_median"] = rec["v_y_median"]
-            result.summary["last_conv_v_x_median"] = rec["v_x_median"]
-        result.summary.setdefault("layers_analysed", len(ok))
-        result.summary.setdefault("layers_failed", len(result.errors))
-        self._detail = {}
-        return result
-
-    def summarize(self, records: list[dict], options) -> dict:
+    def summarize(self, records: list[dict], options: BandingOptions, context: BandingRun) -> dict:
         if not records:
             return {}
-        best = max(records, key=lambda r: r.get("banding_score") if r.get("banding_score") == r.get("banding_score") else -1)
+        best = max(records, key=_score)
         return {
             "most_banded_layer": best["layer"],
             "most_banded_score": best.get("banding_score", math.nan),
@@ -126,59 +106,31 @@ class BandingAnalysis(LayerwiseAnalysis):
             "banded_layers": sum(1 for r in records if r.get("orientation") != "none"),
         }
 
-    def render(self, result: AnalysisResult) -> list:
-        from ..report.blocks import Callout, Group, Image, Paragraph, Table, have_matplotlib
-
-        blocks: list = []
+    def finalize(self, result: AnalysisResult, context: BandingRun) -> None:
+        model = context.model
+        last = model.last_conv_before_global_pool()
+        known = model.graph is not None
+        ranked = sorted(result.ok_records, key=lambda r: -_score(r))
+        for i, r in enumerate(ranked):
+            r["rank"] = i + 1
+        for r in result.records:
+            if known:
+                r["before_global_pool"] = bool(model.global_pool_after(r["layer"]))
+            r["last_conv_before_global_pool"] = bool(last is not None and r["layer"] == last.name)
+        result.extras["layers"] = context.detail
+        result.extras["ranked"] = [r["layer"] for r in ranked]
         s = result.summary
-        if not result.records:
-            return [Paragraph("No conv layer with spatial kernels of 3x3 or larger.")]
-        last = s.get("last_conv_before_global_pool")
-        if last:
-            o = s.get("last_conv_orientation", "?")
-            level = "info" if o == "none" else "good"
-            blocks.append(Callout(
-                f"Last conv before global pooling: {last} - orientation {o}, "
-                f"{100 * s.get('last_conv_banded_fraction', math.nan):.0f}% of neurons banded "
-                f"(median V_y {s.get('last_conv_v_y_median', math.nan):.2f}, V_x {s.get('last_conv_v_x_median', math.nan):.2f}).",
-                level,
-            ))
-        elif s.get("graph_known"):
-            blocks.append(Callout("The graph shows no conv layer feeding global pooling.", "info"))
-        else:
-            blocks.append(Callout("Graph unknown (weights-only file): the last conv before global pooling cannot be marked.", "info"))
-        ranked = sorted(result.ok_records, key=lambda r: r.get("rank", 1e9))
-        cols = ["rank", "layer", "kernel", "neurons", "orientation", "banded_fraction", "horizontal_fraction",
-                "vertical_fraction", "v_y_median", "v_x_median", "v_null_y", "banding_score",
-                "last_conv_before_global_pool", "nmf_rel_error"]
-        blocks.append(Table.from_records(ranked, [c for c in cols if any(c in r for r in ranked)],
-                                         caption="Layers ranked by banding score (median V above the i.i.d. null, 0..1)."))
-        detail = result.extras.get("layers", {})
-        if have_matplotlib() and detail:
-            from .figures import picture_grid, type_figure
+        s["graph_known"] = known
+        s["last_conv_before_global_pool"] = last.name if last is not None else None
+        if last is not None and last.name in context.detail:
+            rec = context.detail[last.name].record
+            s["last_conv_orientation"] = rec["orientation"]
+            s["last_conv_banded_fraction"] = rec["banded_fraction"]
+            s["last_conv_v_y_median"] = rec["v_y_median"]
+            s["last_conv_v_x_median"] = rec["v_x_median"]
 
-            show: list[str] = []
-            if last and last in detail:
-                show.append(last)
-            for name in result.extras.get("ranked", []):
-                if len(show) >= max(1, int(result.options.get("grids", 4))):
-                    break
-                if name not in show and name in detail:
-                    show.append(name)
-            for name in show:
-                lb = detail[name]
-                sub = [Image.from_figure(picture_grid(lb), f"{name}: NMF pictures of every neuron, colours aligned, similar neurons together.")]
-                if lb.types is not None:
-                    sub.append(Image.from_figure(type_figure(lb), f"{name}: banding types (k-means centres) and their shares."))
-                blocks.append(Group(f"{name} ({lb.record['orientation']}, {100 * lb.record['banded_fraction']:.0f}% banded)", sub))
-        type_rows = []
-        for r in result.ok_records:
-            row = {"layer": r["layer"]}
-            for i in range(16):
-                if f"type{i}_share" in r:
-                    row[f"type {i}"] = f"{100 * r[f'type{i}_share']:.1f}% {r[f'type{i}_kind']}"
-            type_rows.append(row)
-        blocks.append(Group("Banding types per layer", [Table.from_records(type_rows)], folded=True))
-        if result.errors:
-            blocks.append(Table.from_records(result.errors, ["layer", "error"], caption="Layers that could not be analysed."))
-        return blocks
+
+def _score(r: dict) -> float:
+    """The banding score, -1 for a layer without one (NaN)."""
+    v = r.get("banding_score")
+    return v if v == v else -1

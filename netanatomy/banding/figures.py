@@ -1,11 +1,15 @@
-"""Pictures for weight banding (matplotlib imported lazily). Every function takes
-results, an optional ``ax``, and returns the figure."""
+"""Pictures for weight banding (matplotlib imported lazily) and the analysis'
+report section. Every picture function takes results, an optional ``ax``, and
+returns the figure."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
+
+from ..report.blocks import Callout, Group, Image, Paragraph, Table, have_matplotlib
+from ..report.render import register_renderer
 
 
 def _plt():
@@ -103,3 +107,60 @@ def v_scatter(lb, ax=None):
     ax.set_ylabel("V_x (column means)")
     ax.set_title(lb.layer, fontsize=8)
     return fig
+
+
+@register_renderer("banding")
+def render_banding(result) -> list:
+    """Report blocks of the ``banding`` analysis."""
+    blocks: list = []
+    s = result.summary
+    if not result.records:
+        return [Paragraph("No conv layer with spatial kernels of 3x3 or larger.")]
+    last = s.get("last_conv_before_global_pool")
+    if last:
+        o = s.get("last_conv_orientation", "?")
+        level = "info" if o == "none" else "good"
+        blocks.append(Callout(
+            f"Last conv before global pooling: {last} - orientation {o}, "
+            f"{100 * s.get('last_conv_banded_fraction', math.nan):.0f}% of neurons banded "
+            f"(median V_y {s.get('last_conv_v_y_median', math.nan):.2f}, V_x {s.get('last_conv_v_x_median', math.nan):.2f}).",
+            level,
+        ))
+    elif s.get("graph_known"):
+        blocks.append(Callout("The graph shows no conv layer feeding global pooling.", "info"))
+    else:
+        blocks.append(Callout("Graph unknown (weights-only file): the last conv before global pooling cannot be marked.", "info"))
+    ranked = sorted(result.ok_records, key=lambda r: r.get("rank", 1e9))
+    cols = ["rank", "layer", "kernel", "neurons", "orientation", "banded_fraction", "horizontal_fraction",
+            "vertical_fraction", "v_y_median", "v_x_median", "v_null_y", "banding_score",
+            "last_conv_before_global_pool", "nmf_rel_error"]
+    blocks.append(Table.from_records(ranked, [c for c in cols if any(c in r for r in ranked)],
+                                     caption="Layers ranked by banding score (median V above the i.i.d. null, 0..1)."))
+    detail = result.extras.get("layers", {})
+    if have_matplotlib() and detail:
+
+        show: list[str] = []
+        if last and last in detail:
+            show.append(last)
+        for name in result.extras.get("ranked", []):
+            if len(show) >= max(1, int(result.options.get("grids", 4))):
+                break
+            if name not in show and name in detail:
+                show.append(name)
+        for name in show:
+            lb = detail[name]
+            sub = [Image.from_figure(picture_grid(lb), f"{name}: NMF pictures of every neuron, colours aligned, similar neurons together.")]
+            if lb.types is not None:
+                sub.append(Image.from_figure(type_figure(lb), f"{name}: banding types (k-means centres) and their shares."))
+            blocks.append(Group(f"{name} ({lb.record['orientation']}, {100 * lb.record['banded_fraction']:.0f}% banded)", sub))
+    type_rows = []
+    for r in result.ok_records:
+        row = {"layer": r["layer"]}
+        for i in range(16):
+            if f"type{i}_share" in r:
+                row[f"type {i}"] = f"{100 * r[f'type{i}_share']:.1f}% {r[f'type{i}_kind']}"
+        type_rows.append(row)
+    blocks.append(Group("Banding types per layer", [Table.from_records(type_rows)], folded=True))
+    if result.errors:
+        blocks.append(Table.from_records(result.errors, ["layer", "error"], caption="Layers that could not be analysed."))
+    return blocks

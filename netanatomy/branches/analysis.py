@@ -15,9 +15,7 @@ Records (``branches.json``), each with a ``layer`` field and a ``record`` type:
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -333,16 +331,16 @@ def model_out(cache: _Cache, name: str) -> int:
     return cache.model[name].out_features
 
 
-def compute(model: Model, opts: BranchesOptions | None = None) -> BranchesResult:
-    """Run the whole analysis (no plotting, no printing)."""
-    opts = opts or BranchesOptions()
+def _check(opts: BranchesOptions) -> None:
     if opts.correction not in ("holm", "bonferroni", "bh", "none"):
         raise UserError(f"branches.correction must be holm, bonferroni, bh or none, got {opts.correction!r}")
     if opts.clusters < 2:
         raise UserError("branches.clusters must be at least 2")
-    labels = read_labels(opts.labels) if opts.labels else None
+
+
+def _discover(model: Model, opts: BranchesOptions) -> Discovery:
     try:
-        disc = discover(model, max_groups=opts.max_groups)
+        return discover(model, max_groups=opts.max_groups)
     except Exception as exc:  # a graph we misread must not cost the grouped-conv results
         from . import discovery as _d
 
@@ -352,47 +350,61 @@ def compute(model: Model, opts: BranchesOptions | None = None) -> BranchesResult
             disc.points = _d._group_points(model, None, opts.max_groups, 2, disc.notes)
         finally:
             model.graph, model.module = saved
-    result = BranchesResult(discovery=disc, notes=list(disc.notes))
-    cache = _Cache(model, result)
-    all_tests: list[tuple[dict, list[Test]]] = []
-    for point in disc.points:
-        if not point.segments:
-            rec = point.to_dict()
-            rec["record"] = "branch_point"
-            rec["descriptors"] = []
-            rec["tests"] = []
-            result.point_records.append(rec)
-            continue
-        try:
-            rec, tests = _point_record(point, cache, opts, labels, result)
-        except (LayerError, UserError) as exc:
-            result.errors.append({"layer": point.layer, "record": "error", "error": f"{point.name}: {exc}", "error_type": "user"})
-            continue
-        all_tests.append((rec, tests))
-        result.point_records.append(rec)
-    flat = [t for _, ts in all_tests for t in ts]
-    apply_correction(flat, opts.correction)
-    for rec, tests in all_tests:
-        rec["tests"] = [t.to_dict() for t in tests]
-        enriched = [t for t in tests if t.count > t.expected]
-        if enriched:
-            best = min(enriched, key=lambda t: (t.p_adjusted, -t.count))
-            rec["best"] = best.sentence()
-            rec["min_p_adjusted"] = best.p_adjusted
-            rec["specialized"] = bool(best.p_adjusted < opts.alpha)
-        else:
-            rec["best"], rec["min_p_adjusted"], rec["specialized"] = "", math.nan, False
-    # SVD maps
-    device = default_device()
-    for l1, l2 in _pairs(model):
-        w2 = cache.weight(l2)
-        if w2 is None or cache.weight(l1) is None:
-            continue
-        maps = svd_maps(w2, k=opts.svd_vectors, device=device)
-        desc = _layer1_descriptors(l1, cache, result)
-        pm = PairMaps(l1, l2, maps, correlate(maps, desc))
-        result.pairs.append(pm)
-    return result
+        return disc
+
+
+@dataclass
+class BranchesRun:
+    """Per-run state of ``branches``: what was discovered, the weights read so
+    far, and each branch point's record and tests until the multiple-testing
+    correction over all of them (``finalize``)."""
+
+    model: Model
+    options: BranchesOptions
+    labels: UserLabels | None
+    result: BranchesResult
+    cache: _Cache
+    device: Any
+    points_at: dict[str, list[int]] = field(default_factory=dict)  # layer -> indices of its points
+    pairs_at: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # layer 2 -> pairs
+    point_out: dict[int, tuple[dict, list[Test] | None]] = field(default_factory=dict)
+    points_tried: set[int] = field(default_factory=set)
+    pair_out: dict[tuple[str, str], PairMaps] = field(default_factory=dict)
+
+
+def _do_point(i: int, context: BranchesRun) -> None:
+    """The record and tests of branch point ``i`` (a descriptor that cannot be
+    read becomes an error of the point; the other points go on)."""
+    point = context.result.discovery.points[i]
+    context.points_tried.add(i)
+    if not point.segments:
+        rec = point.to_dict()
+        rec["record"] = "branch_point"
+        rec["descriptors"] = []
+        rec["tests"] = []
+        context.point_out[i] = (rec, None)
+        return
+    try:
+        context.point_out[i] = _point_record(point, context.cache, context.options, context.labels, context.result)
+    except (LayerError, UserError) as exc:
+        context.result.errors.append(
+            {"layer": point.layer, "record": "error", "error": f"{point.name}: {exc}", "error_type": "user"}
+        )
+
+
+def _do_pair(l1: str, l2: str, context: BranchesRun) -> None:
+    cache = context.cache
+    w2 = cache.weight(l2)
+    if w2 is None or cache.weight(l1) is None:
+        return
+    maps = svd_maps(w2, k=context.options.svd_vectors, device=context.device)
+    desc = _layer1_descriptors(l1, cache, context.result)
+    context.pair_out[(l1, l2)] = PairMaps(l1, l2, maps, correlate(maps, desc))
+
+
+def compute(model: Model, opts: BranchesOptions | None = None) -> BranchesResult:
+    """Run the whole analysis (no plotting, no printing)."""
+    return BranchesAnalysis().run(model, opts or BranchesOptions()).extras["branches"]
 
 
 def svd_record(pm: PairMaps, result: BranchesResult, opts: BranchesOptions) -> dict:
@@ -430,36 +442,67 @@ class BranchesAnalysis(Analysis):
     )
     Options = BranchesOptions
 
-    def run(self, model: Model, options: Any = None, progress=None) -> AnalysisResult:
-        opts = options if options is not None else self.make_options()
-        start = time.perf_counter()
-        if progress:
-            progress("discovering branches", 0, 2)
-        res = compute(model, opts)
-        if progress:
-            progress("", 2, 2)
-        records = list(res.point_records) + [svd_record(pm, res, opts) for pm in res.pairs] + list(res.errors)
+    def prepare(self, model: Model, options: BranchesOptions) -> BranchesRun:
+        _check(options)
+        labels = read_labels(options.labels) if options.labels else None
+        disc = _discover(model, options)
+        result = BranchesResult(discovery=disc, notes=list(disc.notes))
+        ctx = BranchesRun(model, options, labels, result, _Cache(model, result), default_device())
+        for i, point in enumerate(disc.points):
+            ctx.points_at.setdefault(point.layer, []).append(i)
+        for l1, l2 in _pairs(model):
+            ctx.pairs_at.setdefault(l2, []).append((l1, l2))
+        return ctx
+
+    def select_layers(self, model: Model, options: BranchesOptions, context: BranchesRun) -> list[Layer]:
+        """The layers that branch points are filed under or that end a pair of
+        consecutive convs."""
+        return [l for l in model.layers if l.name in context.points_at or l.name in context.pairs_at]
+
+    def analyze_layer(self, layer: Layer, options: BranchesOptions, context: BranchesRun) -> list[dict]:
+        """Describe the branch points filed under ``layer`` and map the pairs
+        ending at it. The records are assembled in ``finalize``, after the
+        multiple-testing correction over every point's tests."""
+        for i in context.points_at.get(layer.name, []):
+            _do_point(i, context)
+        for l1, l2 in context.pairs_at.get(layer.name, []):
+            _do_pair(l1, l2, context)
+        return []
+
+    def finalize(self, result: AnalysisResult, context: BranchesRun) -> None:
+        res, opts = context.result, context.options
+        filed = {l.name for l in context.model.layers}
+        for i, point in enumerate(res.discovery.points):  # points filed under no layer of the model
+            if i not in context.points_tried and point.layer not in filed:
+                _do_point(i, context)
+        outs = [context.point_out[i] for i in sorted(context.point_out)]
+        res.point_records = [rec for rec, _ in outs]
+        tested = [(rec, tests) for rec, tests in outs if tests is not None]
+        apply_correction([t for _, ts in tested for t in ts], opts.correction)
+        for rec, tests in tested:
+            rec["tests"] = [t.to_dict() for t in tests]
+            enriched = [t for t in tests if t.count > t.expected]
+            if enriched:
+                best = min(enriched, key=lambda t: (t.p_adjusted, -t.count))
+                rec["best"] = best.sentence()
+                rec["min_p_adjusted"] = best.p_adjusted
+                rec["specialized"] = bool(best.p_adjusted < opts.alpha)
+            else:
+                rec["best"], rec["min_p_adjusted"], rec["specialized"] = "", math.nan, False
+        res.pairs = [context.pair_out[p] for ps in context.pairs_at.values() for p in ps if p in context.pair_out]
+        for r in result.records:  # a layer that failed outright
+            r.setdefault("record", "error")
+        res.errors.extend(result.records)
+        result.records = list(res.point_records) + [svd_record(pm, res, opts) for pm in res.pairs] + list(res.errors)
         kinds: dict[str, int] = {}
         for p in res.discovery.points:
             kinds[p.kind] = kinds.get(p.kind, 0) + 1
-        summary = {
-            "branch_points": len(res.discovery.points),
-            "graph": res.discovery.graph_source or "none (groups only)",
-            "specialized_points": sum(1 for r in res.point_records if r.get("specialized")),
-            "svd_pairs": len(res.pairs),
-            "kinds": kinds,
-            "notes": res.notes,
-        }
-        return AnalysisResult(
-            analysis=self.name,
-            records=records,
-            summary=summary,
-            extras={"branches": res},
-            options=dataclasses.asdict(opts),
-            seconds=time.perf_counter() - start,
+        result.summary.update(
+            branch_points=len(res.discovery.points),
+            graph=res.discovery.graph_source or "none (groups only)",
+            specialized_points=sum(1 for r in res.point_records if r.get("specialized")),
+            svd_pairs=len(res.pairs),
+            kinds=kinds,
+            notes=res.notes,
         )
-
-    def render(self, result: AnalysisResult) -> list:
-        from .report import render_blocks
-
-        return render_blocks(result)
+        result.extras["branches"] = res

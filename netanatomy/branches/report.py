@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 
 from ..analysis import AnalysisResult
+from ..report.blocks import Callout, Group, Image, Paragraph, Table, have_matplotlib
+from ..report.render import register_renderer
 
 MAX_MAPS = 4  # pairs of layers drawn in the report (all are in the JSON)
 MAX_POINTS = 12  # branch points with count tables in the report
 
 
+@register_renderer("branches")
 def render_blocks(result: AnalysisResult) -> list:
-    from ..report.blocks import Callout, Group, Image, Paragraph, Table, have_matplotlib
-
     res = result.extras.get("branches")
     blocks: list = []
     for note in result.summary.get("notes", []):

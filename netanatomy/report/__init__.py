@@ -2,6 +2,7 @@
 
 from .blocks import Callout, Group, Image, Paragraph, Table
 from .html import build_report, write_report
+from .render import register_renderer, render
 from .writers import write_json, write_model_json, write_parquet
 
 __all__ = [
@@ -11,6 +12,8 @@ __all__ = [
     "Paragraph",
     "Table",
     "build_report",
+    "register_renderer",
+    "render",
     "write_json",
     "write_model_json",
     "write_parquet",

@@ -16,6 +16,7 @@ from .._util import atomic_write_text
 from ..analysis import Analysis, AnalysisResult
 from ..model import Model
 from .blocks import Callout, Group, Image, Paragraph, Table, format_value
+from .render import render
 
 
 def render_block(block) -> Markup:
@@ -62,7 +63,7 @@ def render_table(table: Table) -> Markup:
 
 def _section(analysis: Analysis, result: AnalysisResult) -> dict:
     try:
-        blocks = analysis.render(result)
+        blocks = render(analysis, result)
     except Exception as exc:  # a picture must never cost the numbers
         blocks = [
             Callout(f"The pictures for this section could not be drawn ({type(exc).__name__}: {exc}).", "warn"),

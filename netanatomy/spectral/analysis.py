@@ -10,27 +10,20 @@ its reason; a fit that fails or means nothing yields NaN and a reason.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from ..analysis import (
-    AnalysisResult,
-    LayerwiseAnalysis,
-    Progress,
-    register_analysis,
-    run_layer_safely,
-)
+from .._util import default_device
+from ..analysis import Analysis, AnalysisResult, register_analysis
 from ..errors import LayerError, UserError
 from ..model import CONV_KINDS, Layer, LayerKind, Model
 from .esd import (
@@ -105,17 +98,6 @@ def _fit_values(sp: Spectrum, options: SpectralOptions) -> tuple[PowerLawFit, np
     if fit.reason and ev.size < sp.evals.size and ev.size < options.min_tail:
         fit.reason += f"; {sp.evals.size - ev.size} of {sp.evals.size} eigenvalues are numerically zero"
     return fit, ev
-
-
-def _blas_threads(n: int):
-    """Limit the threads of the BLAS library scipy uses (its syrk builds the large
-    Gram matrices, see ``esd._syrk_gram``) as torch's are limited; a no-op context
-    when threadpoolctl is not installed."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=n, user_api="blas")
 
 
 def _alpha_error_bound(sp: Spectrum, fit: PowerLawFit) -> float:
@@ -195,8 +177,19 @@ def _slice_labels(kernel: tuple[int, ...]) -> list[str]:
     return [",".join(map(str, idx)) for idx in np.ndindex(*kernel)]
 
 
+@dataclass
+class SpectralRun:
+    """Per-run state of ``esd``: the device, the base model (for ``base``), and
+    a lock that keeps at most one very large layer in memory at a time."""
+
+    model: Model
+    device: Any
+    base: Model | None = None
+    big: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(1))
+
+
 @register_analysis("esd")
-class SpectralAnalysis(LayerwiseAnalysis):
+class SpectralAnalysis(Analysis):
     title = "Spectral health (ESD)"
     description = (
         "Eigenvalue spectrum of each layer's correlation matrix W^T W / N and a power-law fit of its "
@@ -206,34 +199,57 @@ class SpectralAnalysis(LayerwiseAnalysis):
     )
     Options = SpectralOptions
 
-    def __init__(self) -> None:
-        self._base: Model | None = None
-        self._device = None
-
     def applies_to(self, layer: Layer) -> bool:
         return layer.kind in SPECTRAL_KINDS and len(layer.shape) >= 2
 
+    def prepare(self, model: Model, options: SpectralOptions) -> SpectralRun:
+        base = None
+        if options.base:
+            from ..io import load
+
+            base = load(options.base)
+        # import the fit's scipy modules once here, not under the GIL in every worker
+        import scipy.linalg.blas  # noqa: F401
+        import scipy.optimize  # noqa: F401
+        import scipy.special  # noqa: F401
+        import scipy.stats  # noqa: F401
+
+        return SpectralRun(model, default_device(), base)
+
+    def layer_workers(self, layers: list[Layer], options: SpectralOptions, context: SpectralRun) -> int:
+        if options.workers > 0:
+            return options.workers
+        return 1 if context.device.type != "cpu" else max(1, min(os.cpu_count() or 1, len(layers)))
+
     # -- one layer ------------------------------------------------------------
-    def _weight(self, layer: Layer) -> torch.Tensor:
+    @staticmethod
+    def _weight(layer: Layer, base: Model | None) -> torch.Tensor:
         # kept in its stored dtype (bf16 stays bf16); slabs are converted as they are used
         w = layer.weight(dtype=None)
         if not w.is_floating_point() or w.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
             w = w.to(torch.float32)
-        if self._base is None:
+        if base is None:
             return w
         w = w.to(torch.float32)
-        if layer.name not in self._base:
+        if layer.name not in base:
             raise LayerError(f"{layer.name}: no layer of that name in the base model")
-        wb = self._base[layer.name].weight(dtype=torch.float32)
+        wb = base[layer.name].weight(dtype=torch.float32)
         if tuple(wb.shape) != tuple(w.shape):
             raise LayerError(f"{layer.name}: shape {tuple(w.shape)} differs from the base model's {tuple(wb.shape)}")
         return w - wb
 
-    def analyze_layer(self, layer: Layer, options: SpectralOptions) -> list[dict]:
-        w = self._weight(layer)
+    def analyze_layer(self, layer: Layer, options: SpectralOptions, context: SpectralRun) -> list[dict]:
+        if _numel(layer.shape) >= BIG_LAYER:
+            with context.big:  # at most one very large layer (embedding, LM head) in memory at a time
+                return self._rows(layer, options, context)
+        return self._rows(layer, options, context)
+
+    def _rows(self, layer: Layer, options: SpectralOptions, context: SpectralRun) -> list[dict]:
+        w = self._weight(layer, context.base)
+        device = context.device
         rows = []
         for name, batch in layer_matrices(layer, w, options.conv_mode):
-            row, extras = spectral_row(name, str(layer.kind), batch, options, self._device)
+            row, extras = spectral_row(name, str(layer.kind), batch, options, device)
             if layer.fused > 1:
                 row["part"] = name[len(layer.name):].strip("[]")
             row["_extras"] = extras
@@ -244,92 +260,23 @@ class SpectralAnalysis(LayerwiseAnalysis):
                 for k, lab in enumerate(labels):
                     srow, sx = spectral_row(
                         f"{name}[pos={lab}]", str(layer.kind), batch[k : k + 1],
-                        dataclasses.replace(options, per_slice=False), self._device,
+                        dataclasses.replace(options, per_slice=False), device,
                     )
                     srow["slice"] = lab
                     srow["_extras"] = sx
                     rows.append(srow)
         return rows
 
-    # -- the run -----------------------------------------------------------------
-    def run(self, model: Model, options: SpectralOptions | None = None, progress: Progress | None = None) -> AnalysisResult:
-        from .._util import default_device
-
-        options = options if options is not None else self.make_options()
-        self._device = default_device()
-        self._base = None
-        if options.base:
-            from ..io import load
-
-            self._base = load(options.base)
-        layers = [layer for layer in model.layers if self.applies_to(layer)]
-        workers = options.workers
-        if workers <= 0:
-            workers = 1 if self._device.type != "cpu" else max(1, min(os.cpu_count() or 1, len(layers)))
-        start = time.perf_counter()
-        results: list[list[dict]] = [[] for _ in layers]
-        threads = torch.get_num_threads()
-        blas_limit = _blas_threads(1 if workers > 1 else threads)
-        # import the fit's scipy modules once here, not under the GIL in every worker
-        import scipy.linalg.blas
-        import scipy.optimize
-        import scipy.special
-        import scipy.stats
-        try:
-            blas_limit.__enter__()
-            if workers > 1:
-                torch.set_num_threads(1)  # one BLAS thread per layer; layers fill the cores
-                big = threading.Semaphore(1)
-
-                def one(layer: Layer) -> list[dict]:
-                    # at most one very large layer (embedding, LM head) in memory at a time
-                    if _numel(layer.shape) >= BIG_LAYER:
-                        with big:
-                            return run_layer_safely(self.analyze_layer, layer, options)
-                    return run_layer_safely(self.analyze_layer, layer, options)
-
-                with ThreadPoolExecutor(max_workers=workers) as pool:
-                    futs = {pool.submit(one, layer): i for i, layer in enumerate(layers)}
-                    done = 0
-                    for fut in _as_completed(futs):
-                        results[futs[fut]] = fut.result()
-                        done += 1
-                        if progress:
-                            progress(layers[futs[fut]].name, done, len(layers))
-            else:
-                for i, layer in enumerate(layers):
-                    if progress:
-                        progress(layer.name, i, len(layers))
-                    results[i] = run_layer_safely(self.analyze_layer, layer, options)
-        finally:
-            blas_limit.__exit__(None, None, None)
-            torch.set_num_threads(threads)
-        if progress:
-            progress("", len(layers), len(layers))
-        records: list[dict] = []
-        spectra: dict[str, dict] = {}
-        for rows in results:
-            for r in rows:
-                ex = r.pop("_extras", None)
-                if ex is not None and options.keep_spectra:
-                    spectra[r["layer"]] = ex
-                records.append(r)
-        result = AnalysisResult(analysis=self.name, records=records, options=dataclasses.asdict(options))
-        result.extras["spectra"] = spectra
-        result.summary = self.summarize(result.ok_records, options)
-        result.summary.setdefault("layers_analysed", len(result.ok_records))
-        result.summary.setdefault("layers_failed", len(result.errors))
-        result.seconds = time.perf_counter() - start
-        self._base = None
-        return result
-
-    def summarize(self, records: list[dict], options: Any) -> dict:
+    def summarize(self, records: list[dict], options: SpectralOptions, context: SpectralRun) -> dict:
         return summarize_rows(records)
 
-    def render(self, result: AnalysisResult) -> list:
-        from .report import render_result
-
-        return render_result(self, result)
+    def finalize(self, result: AnalysisResult, context: SpectralRun) -> None:
+        spectra: dict[str, dict] = {}
+        for r in result.records:
+            ex = r.pop("_extras", None)
+            if ex is not None and result.options.get("keep_spectra", True):
+                spectra[r["layer"]] = ex
+        result.extras["spectra"] = spectra
 
 
 def _numel(shape) -> int:
@@ -337,12 +284,6 @@ def _numel(shape) -> int:
     for d in shape:
         n *= int(d)
     return n
-
-
-def _as_completed(futs):
-    from concurrent.futures import as_completed
-
-    return as_completed(futs)
 
 
 def summarize_rows(records: list[dict]) -> dict:

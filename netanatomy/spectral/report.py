@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from ..report.blocks import Callout, Group, Image, Paragraph, Table, have_matplotlib
+from ..report.render import register_renderer
 
 FLAG_ORDER = {"over-trained": 0, "under-trained": 1, "failed fit": 2}
 TABLE_COLUMNS = [
@@ -20,7 +21,8 @@ def flagged_rows(records: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (FLAG_ORDER.get(r.get("warning") or "", 3), r["layer"]))
 
 
-def render_result(analysis, result) -> list:
+@register_renderer("esd")
+def render_esd(result) -> list:
     s = result.summary
     blocks: list = []  # the report shows analysis.description above the section already
     rows = [r for r in result.ok_records if "slice" not in r]
