@@ -2,7 +2,7 @@
 
 from .blocks import Callout, Group, Image, Paragraph, Table
 from .html import build_report, write_report
-from .render import register_renderer, render
+from .render import register_renderer
 from .writers import write_json, write_model_json, write_parquet
 
 __all__ = [
@@ -13,7 +13,6 @@ __all__ = [
     "Table",
     "build_report",
     "register_renderer",
-    "render",
     "write_json",
     "write_model_json",
     "write_parquet",
