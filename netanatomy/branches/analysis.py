@@ -369,6 +369,7 @@ class BranchesRun:
     pairs_at: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # layer 2 -> pairs
     point_out: dict[int, tuple[dict, list[Test] | None]] = field(default_factory=dict)
     points_tried: set[int] = field(default_factory=set)
+    layers_done: list[str] = field(default_factory=list)  # layers whose points and pairs were worked on
     pair_out: dict[tuple[str, str], PairMaps] = field(default_factory=dict)
 
 
@@ -467,6 +468,7 @@ class BranchesAnalysis(Analysis):
             _do_point(i, context)
         for l1, l2 in context.pairs_at.get(layer.name, []):
             _do_pair(l1, l2, context)
+        context.layers_done.append(layer.name)
         return []
 
     def finalize(self, result: AnalysisResult, context: BranchesRun) -> None:
@@ -494,6 +496,7 @@ class BranchesAnalysis(Analysis):
             r.setdefault("record", "error")
         res.errors.extend(result.records)
         result.records = list(res.point_records) + [svd_record(pm, res, opts) for pm in res.pairs] + list(res.errors)
+        failed = {e["layer"] for e in res.errors}
         kinds: dict[str, int] = {}
         for p in res.discovery.points:
             kinds[p.kind] = kinds.get(p.kind, 0) + 1
@@ -504,5 +507,8 @@ class BranchesAnalysis(Analysis):
             svd_pairs=len(res.pairs),
             kinds=kinds,
             notes=res.notes,
+            # counted in layers, not records (a layer files several records)
+            layers_analysed=len(set(context.layers_done) - failed),
+            layers_failed=len(failed),
         )
         result.extras["branches"] = res
