@@ -202,3 +202,26 @@ def test_rendering_is_looked_up_by_name(tiny_cnn):
         import sys
 
         sys.modules["netanatomy.report.render"]._RENDERERS.pop("nobody-renders-me")
+
+
+def test_branches_keeps_its_points_when_one_layer_raises(monkeypatch):
+    import test_branches as tb
+
+    from netanatomy.branches import analysis as ba
+
+    model = na.load(tb._planted_grouped())
+    (_, good), = run_analyses(model, ["branches"])
+    svd_layers = {r["layer"] for r in good.records if r["record"] == "svd"}
+    assert svd_layers and not good.errors
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("svd exploded")
+
+    monkeypatch.setattr(ba, "svd_maps", broken)
+    (_, res), = run_analyses(model, ["branches"])
+    failed = [r for r in res.records if r.get("error")]
+    assert {r["layer"] for r in failed} == svd_layers
+    assert all(r["record"] == "error" and "svd exploded" in r["error"] for r in failed)
+    points = lambda r: [p for p in r.records if p["record"] == "branch_point" and p["layer"] not in svd_layers]
+    assert points(res) and points(res) == points(good)  # the other layers' p-values are untouched
+    assert res.summary["layers_failed"] == len(svd_layers)
