@@ -185,7 +185,7 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
 
 def content_hash(path: str | os.PathLike) -> str:
     """Recompute ``content_sha256`` of a safetensors file (tensors in file order)."""
-    from ..io.safetensors import SafetensorsStore
+    from .safetensors import SafetensorsStore
 
     store = SafetensorsStore([Path(path)])
     with open(path, "rb") as fh:
@@ -202,6 +202,6 @@ def content_hash(path: str | os.PathLike) -> str:
 
 
 def stored_hash(path: str | os.PathLike) -> str | None:
-    from ..io.safetensors import SafetensorsStore
+    from .safetensors import SafetensorsStore
 
     return SafetensorsStore([Path(path)]).metadata.get(HASH_KEY)
