@@ -56,7 +56,7 @@ class NpzStore:
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
             raise LoadError(f"{self.path}: cannot read array {key!r} ({exc})") from None
         if arr.dtype == np.float16 or np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
-            return torch.from_numpy(np.ascontiguousarray(arr))
+            return torch.from_numpy(np.ascontiguousarray(arr)).reshape(arr.shape)  # 0-d stays 0-d
         raise LoadError(f"{self.path}: array {key!r} has unsupported dtype {arr.dtype}")
 
 
