@@ -30,6 +30,9 @@ import torch
 
 from ..errors import LoadError, UserError
 from ._formats import resolve, unrecognised
+from .npz import NpzStore
+from .safetensors import SafetensorsStore, resolve_files
+from .torch_checkpoint import read_sharded_state_dict, read_state_dict
 
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 
@@ -172,18 +175,13 @@ def _open_path(path: str | os.PathLike, key: str | None = None) -> CheckpointSto
     p = _existing(path)
     fmt, target = resolve(p)
     if fmt == "safetensors":
-        from .safetensors import SafetensorsStore, resolve_files
-
         files, _ = resolve_files(target)
         store = SafetensorsStore(files)
         return _from_lazy(p, "safetensors", store, store.metadata)
     if fmt == "npz":
-        from .npz import NpzStore
-
         return _from_lazy(p, "npz", NpzStore(target))
     if fmt != "torch":
         raise _unsupported(p, fmt)
-    from .torch_checkpoint import read_sharded_state_dict, read_state_dict
 
     def opener() -> CheckpointStore:
         if target.name.endswith(".index.json"):
@@ -226,20 +224,14 @@ def read_tensors(path: str | os.PathLike, framework: str = "pt", key: str | None
     fmt, target = resolve(p)
     meta: dict[str, str] = {}
     if fmt == "safetensors":
-        from .safetensors import SafetensorsStore, resolve_files
-
         files, _ = resolve_files(target)
         store = SafetensorsStore(files)
         tensors = {k: store.get(k) for k in store.keys()}
         meta = dict(store.metadata)
     elif fmt == "npz":
-        from .npz import NpzStore
-
         store = NpzStore(target)
         tensors = {k: store.get(k) for k in store.keys()}
     elif fmt == "torch":
-        from .torch_checkpoint import read_sharded_state_dict, read_state_dict
-
         if target.name.endswith(".index.json"):
             tensors = read_sharded_state_dict(target)
         else:
