@@ -70,7 +70,7 @@ def gb(x: float) -> str:
 def make_checkpoints(folder: Path, n: int, layers: int, dim: int) -> int:
     import torch
 
-    from netanatomy.synthesis.writer import SafetensorsWriter
+    from netanatomy.io import SafetensorsWriter
 
     entries = []
     for i in range(layers):

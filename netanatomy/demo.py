@@ -63,13 +63,13 @@ def demo_info() -> dict:
 
 def demo_module() -> DemoCNN:
     """The demo CNN with its trained weights."""
-    from safetensors.torch import load_file
+    from .io import read_tensors
 
     path = demo_weights_path()
     if not path.is_file():
         raise LoadError(f"demo weights missing from the installation ({path}); reinstall netanatomy")
     net = DemoCNN()
-    net.load_state_dict(load_file(str(path)))
+    net.load_state_dict(read_tensors(str(path), "pt")[0])
     return net.eval()
 
 

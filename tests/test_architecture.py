@@ -141,7 +141,7 @@ def _opens_weights(tree: ast.Module) -> list[int]:
     return lines
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: zoo, demo, branches and banding still open files themselves")
+@pytest.mark.xfail(strict=True, reason="issue 16: banding/experiment.py and branches/discovery.py still open files themselves")
 def test_only_io_opens_weights_files():
     offenders = []
     for m, (path, tree) in MODULES.items():
@@ -157,7 +157,6 @@ def test_weights_opener_check_can_fail():
     assert _opens_weights(tree) == [2]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: chain, sources and zoo.features use io._infer / io._format_of")
 def test_no_private_io_names_outside_io():
     offenders = []
     for m, (path, tree) in MODULES.items():

@@ -410,3 +410,174 @@ def test_minilm_every_matrix_layer_listed():
     assert m["embeddings.word_embeddings"].shape == (30522, 384)
     assert [s.key for s in m.skipped] == ["embeddings.position_ids"]
     assert m.num_params > 22_000_000
+
+
+# -- tensor stores (open_store / read_tensors / open_array) -------------------
+
+from netanatomy.io import CheckpointStore, canonical_key, open_array, open_store, read_tensors  # noqa: E402
+from netanatomy.io.npz import NpzStore  # noqa: E402
+
+
+def _same_tensors(store, state):
+    assert sorted(store.keys()) == sorted(state)
+    for k, v in state.items():
+        assert store.shape(k) == tuple(v.shape) and store.dtype(k) == v.dtype
+        assert torch.equal(store.get(k), v)
+
+
+def test_open_store_reads_every_format(tmp_path, tiny_state, tiny_cnn):
+    st = tmp_path / "m.safetensors"
+    save_file(tiny_state, str(st), metadata={"run": "a"})
+    pt = tmp_path / "m.pt"
+    torch.save({"ema": {f"module.{k}": v for k, v in tiny_state.items()}, "step": 3}, pt)
+    npz = tmp_path / "m.npz"
+    np.savez(npz, **{k: v.numpy() for k, v in tiny_state.items()})
+    shards = _shard(tmp_path, tiny_state)
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    keys = list(tiny_state)
+    torch.save({k: tiny_state[k] for k in keys[:3]}, bins / "a.bin")
+    torch.save({k: tiny_state[k] for k in keys[3:]}, bins / "b.bin")
+    wm = {k: ("a.bin" if i < 3 else "b.bin") for i, k in enumerate(keys)}
+    (bins / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": wm}))
+    one = tmp_path / "one"
+    one.mkdir()
+    torch.save(tiny_state, one / "weights.pth")
+
+    cases = {
+        st: "safetensors", shards: "safetensors", shards / "model.safetensors.index.json": "safetensors",
+        pt: "torch", npz: "npz", bins: "torch", one: "torch",
+    }
+    for path, fmt in cases.items():
+        s = open_store(path, key="ema" if path == pt else None)
+        assert s.format == fmt and s.name == str(path) and s.label == path.name, path
+        _same_tensors(s, tiny_state)
+        assert s.lazy == (fmt != "torch")
+        assert open_store(s) is s
+    assert open_store(pt).keys() == open_store(pt, key="ema").keys()  # nested key found unasked
+    assert open_store(st).metadata == {"run": "a"} and open_store(pt, key="ema").metadata == {}
+    _same_tensors(open_store(tiny_cnn), tiny_state)
+    assert open_store(tiny_cnn).label == "TinyCNN" and open_store(tiny_state).label == "<state dict>"
+    _same_tensors(open_store({f"_orig_mod.module.{k}": v for k, v in tiny_state.items()}, name="x"), tiny_state)
+    assert canonical_key("module._orig_mod.fc.weight") == "fc.weight" and canonical_key("module.") == "module."
+
+
+def test_open_store_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
+    tensors = {"a.weight": torch.ones(8, 8), "b.weight": torch.zeros(16, 8), "c.bias": torch.arange(4.0)}
+    st, npz = tmp_path / "m.safetensors", tmp_path / "m.npz"
+    save_file(tensors, str(st))
+    np.savez(npz, **{k: v.numpy() for k, v in tensors.items()})
+    for path, cls in ((st, SafetensorsStore), (npz, NpzStore)):
+        reads = []
+        orig = cls.get
+        monkeypatch.setattr(cls, "get", lambda self, k, orig=orig: reads.append(k) or orig(self, k))
+        s = open_store(path)
+        assert reads == [] and s.shape("b.weight") == (16, 8)  # opening reads headers only
+        assert torch.equal(s.get("c.bias"), tensors["c.bias"])
+        assert reads == ["c.bias"]
+        released = s.released()
+        assert released.keys() == s.keys()
+        with pytest.raises(RuntimeError, match="released"):
+            released.get("a.weight")
+
+
+def test_open_store_errors_are_user_errors(tmp_path, tiny_state):
+    with pytest.raises(LoadError, match="no such file"):
+        open_store(tmp_path / "nope.safetensors")
+    st = tmp_path / "m.safetensors"
+    save_file(tiny_state, str(st))
+    st.write_bytes(st.read_bytes()[:-50])
+    with pytest.raises(LoadError, match="truncated"):
+        open_store(st)
+    bad_pt = tmp_path / "bad.pt"
+    bad_pt.write_bytes(b"\x80\x04garbage" * 10)
+    with pytest.raises(LoadError, match="not a PyTorch checkpoint or corrupt"):
+        open_store(bad_pt)
+    bad_npz = tmp_path / "bad.npz"
+    bad_npz.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(LoadError, match="not a valid .npz"):
+        open_store(bad_npz)
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(b"\x08\x07")
+    with pytest.raises(LoadError, match="convert other formats first"):
+        open_store(onnx_file)
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"hello world, no weights here")
+    with pytest.raises(LoadError, match="unrecognised file type"):
+        open_store(junk)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoadError, match="no weights found"):
+        open_store(tmp_path / "empty")
+    with pytest.raises(na.UserError, match="cannot read weights from a int"):
+        open_store(3)
+    with pytest.raises(na.UserError, match="both become"):
+        open_store({"module.w": torch.ones(1), "w": torch.ones(1)})
+    with pytest.raises(na.UserError, match="holds no tensors"):
+        open_store({"step": 3})
+    for p in (st, bad_pt, junk):  # every message is one line
+        try:
+            open_store(p)
+        except na.UserError as exc:
+            assert "\n" not in str(exc)
+
+
+def test_open_store_refuses_code_in_pickles(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    p = tmp_path / "evil.pt"
+    with open(p, "wb") as fh:
+        pickle.dump({"w": Evil()}, fh)
+    with pytest.raises(UnsafeFileError):
+        open_store(p)
+
+
+def test_read_tensors_keeps_names_and_metadata(tmp_path, tiny_state):
+    st = tmp_path / "m.safetensors"
+    save_file({f"module.{k}": v for k, v in tiny_state.items()}, str(st), metadata={"activation": "gelu"})
+    t, meta = read_tensors(st)
+    assert meta["activation"] == "gelu"
+    assert sorted(t) == sorted(f"module.{k}" for k in tiny_state)  # file names, not canonical ones
+    assert all(torch.equal(t[f"module.{k}"], v) for k, v in tiny_state.items())
+    arrays, _ = read_tensors(st, "np")
+    assert all(isinstance(a, np.ndarray) and np.array_equal(a, tiny_state[k.removeprefix("module.")].numpy()) for k, a in arrays.items())
+    pt = tmp_path / "m.pt"
+    torch.save({"model": tiny_state}, pt)
+    t, meta = read_tensors(pt)
+    assert meta == {} and sorted(t) == sorted(tiny_state)
+    npz = tmp_path / "m.npz"
+    np.savez(npz, a=np.arange(6.0).reshape(2, 3))
+    arrays, _ = read_tensors(npz, "np")
+    assert np.array_equal(arrays["a"], np.arange(6.0).reshape(2, 3))
+    bf = tmp_path / "bf.safetensors"
+    save_file({"w": torch.ones(2, dtype=torch.bfloat16)}, str(bf))
+    assert read_tensors(bf)[0]["w"].dtype == torch.bfloat16
+    with pytest.raises(LoadError, match="bfloat16"):
+        read_tensors(bf, "np")
+    with pytest.raises(na.UserError, match="framework"):
+        read_tensors(st, "tf")
+    with pytest.raises(LoadError, match="no such file"):
+        read_tensors(tmp_path / "gone.safetensors")
+
+
+def test_open_array_maps_npy_and_refuses_objects(tmp_path):
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    np.save(tmp_path / "w.npy", a)
+    got = open_array(tmp_path / "w.npy")
+    assert isinstance(got, np.memmap) and np.array_equal(got, a)
+    assert not isinstance(open_array(tmp_path / "w.npy", mmap=False), np.memmap)
+    np.savez(tmp_path / "one.npz", w=a)
+    assert np.array_equal(open_array(tmp_path / "one.npz"), a)
+    np.savez(tmp_path / "two.npz", w=a, v=a)
+    assert np.array_equal(open_array(tmp_path / "two.npz", "v"), a)
+    with pytest.raises(LoadError, match="name one"):
+        open_array(tmp_path / "two.npz")
+    np.save(tmp_path / "obj.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(LoadError, match="unreadable"):
+        open_array(tmp_path / "obj.npy")
+    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(LoadError, match="unreadable"):
+        open_array(tmp_path / "bad.npy")
+    with pytest.raises(LoadError, match="no such file"):
+        open_array(tmp_path / "none.npy")

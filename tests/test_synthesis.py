@@ -11,14 +11,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from netanatomy.errors import UserError
+from netanatomy.io import content_hash, stored_hash
 from netanatomy.synthesis import (
     average,
-    content_hash,
     ema,
     ema_weights,
     greedy_soup,
     interpolate,
-    stored_hash,
     uniform_soup,
 )
 from netanatomy.synthesis.evaluate import CommandEvaluator

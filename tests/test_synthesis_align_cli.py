@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from netanatomy.errors import UserError
 from netanatomy.synthesis import align, apply_permutation, interpolate, random_permutations, spec_from_module
 from netanatomy.synthesis.chain import infer_chain, spec_from_state
-from netanatomy.synthesis.sources import open_source
+from netanatomy.io import open_store
 
 from test_synthesis_align import ResNetish
 from test_synthesis_cli import assert_one_line_error, run
@@ -131,7 +131,7 @@ def test_align_command_undoes_a_known_permutation(tmp_path, capsys, make, shape,
 
 def test_chain_matches_the_module_spec_for_a_plain_cnn():
     net = PlainCNN()
-    chain, spec = infer_chain(open_source(net.state_dict()))
+    chain, spec = infer_chain(open_store(net.state_dict()))
     assert [l.name for l in chain.layers] == ["conv1", "conv2", "fc1", "fc2"]
     assert [l.norms for l in chain.layers] == [["bn1"], ["bn2"], [], []]
     assert chain.layers[2].inner == 4  # flatten of 6 x 2 x 2
@@ -167,7 +167,7 @@ def test_order_found_by_shapes_when_names_sort_out_of_order():
             self.classifier = nn.Sequential(nn.Linear(7, 9), nn.ReLU(), nn.Linear(9, 2))
 
     sd = dict(sorted(VGGish().state_dict().items()))
-    chain, spec = infer_chain(open_source(sd))
+    chain, spec = infer_chain(open_store(sd))
     assert chain.order == "shapes"
     assert [l.name for l in chain.layers] == ["features.0", "features.3", "classifier.0", "classifier.2"]
     assert chain.layers[0].norms == ["features.1"]

@@ -1,8 +1,14 @@
-"""Loaders: every format becomes the same :class:`~netanatomy.model.Model`.
+"""Every file format lives here; everything else reads weights through this package.
 
-``load`` picks the loader from what it is given: an ``nn.Module``, a file (by
-suffix, else by its first bytes) or a folder (sharded safetensors / .bin index,
-or the one weights file inside).
+* :func:`load` makes a :class:`~netanatomy.model.Model` (the weight layers) from
+  an ``nn.Module``, a file (by suffix, else by its first bytes) or a folder
+  (sharded safetensors / .bin index, or the one weights file inside);
+* :func:`open_store` opens a checkpoint as a :class:`CheckpointStore` of every
+  tensor, read lazily; :func:`read_tensors` reads a whole file, :func:`open_array`
+  one ``.npy`` / ``.npz`` array;
+* :class:`SafetensorsWriter` / :func:`save_tensors` write safetensors files
+  (streaming, atomic, hashed);
+* :func:`build_layers` turns any tensor store into layers, as the loaders do.
 """
 
 from __future__ import annotations
@@ -13,8 +19,12 @@ from typing import Any
 
 from ..errors import LoadError, UserError
 from ..model import Model
+from ._formats import WEIGHT_SUFFIXES, format_of, resolve, unrecognised
+from ._infer import build_layers
+from .npz import open_array
+from .store import CheckpointLike, CheckpointStore, canonical_key, open_store, read_tensors
+from .writers import SafetensorsWriter, WrittenFile, content_hash, file_sha256, save_tensors, stored_hash
 
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".onnx", ".npz")
 
 
 def load(
@@ -59,8 +69,8 @@ def _dispatch(source: Any, *, key, layout, name) -> Model:
     return _load_file(path, key=key, layout=layout, name=name)
 
 
-def _load_file(path: Path, *, key, layout, name) -> Model:
-    fmt = _format_of(path)
+def _load_file(path: Path, *, key, layout, name, fmt: str | None = None) -> Model:
+    fmt = fmt or format_of(path)
     if fmt == "safetensors":
         from . import safetensors
 
@@ -77,64 +87,13 @@ def _load_file(path: Path, *, key, layout, name) -> Model:
         from . import npz
 
         return npz.load(path, layout=layout, name=name)
-    raise LoadError(
-        f"{path}: unrecognised file type (supported: {', '.join(WEIGHT_SUFFIXES)}, "
-        "or a folder holding them)"
-    )
-
-
-def _format_of(path: Path) -> str | None:
-    n = path.name.lower()
-    if n.endswith(".safetensors") or n.endswith(".safetensors.index.json"):
-        return "safetensors"
-    if n.endswith((".pt", ".pth", ".bin", ".ckpt", ".bin.index.json")):
-        return "torch"
-    if n.endswith(".onnx"):
-        return "onnx"
-    if n.endswith(".npz"):
-        return "npz"
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(16)
-    except OSError as exc:
-        raise LoadError(f"{path}: cannot read ({exc.strerror})") from None
-    if head[:2] == b"PK":
-        import zipfile
-
-        try:
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-        except zipfile.BadZipFile:
-            return None
-        if any(x.endswith(".npy") for x in names):
-            return "npz"
-        if any(x.endswith("data.pkl") for x in names):
-            return "torch"
-        return None
-    if head[:1] == b"\x80":
-        return "torch"
-    if len(head) >= 9 and head[8:9] == b"{":
-        return "safetensors"
-    return None
+    raise unrecognised(path)
 
 
 def _load_dir(path: Path, *, key, layout, name) -> Model:
-    if list(path.glob("*.safetensors.index.json")) or list(path.glob("*.safetensors")):
+    fmt, target = resolve(path)
+    if target == path:  # a folder of safetensors shards
         from . import safetensors
 
         return safetensors.load(path, layout=layout, name=name)
-    bin_index = sorted(path.glob("*.bin.index.json"))
-    if bin_index:
-        from . import torch_checkpoint
-
-        return torch_checkpoint.load(bin_index[0], layout=layout, name=name or path.resolve().name)
-    candidates = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(WEIGHT_SUFFIXES))
-    if not candidates:
-        raise LoadError(f"{path}: no weights found in this folder (looked for {', '.join(WEIGHT_SUFFIXES)})")
-    if len(candidates) > 1:
-        shown = ", ".join(p.name for p in candidates[:5]) + (" ..." if len(candidates) > 5 else "")
-        raise LoadError(f"{path}: several weight files ({shown}); name one")
-    return _load_file(candidates[0], key=key, layout=layout, name=name or path.resolve().name)
-
-
-__all__ = ["load", "WEIGHT_SUFFIXES"]
+    return _load_file(target, key=key, layout=layout, name=name or path.resolve().name, fmt=fmt)

@@ -56,7 +56,7 @@ class NpzStore:
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
             raise LoadError(f"{self.path}: cannot read array {key!r} ({exc})") from None
         if arr.dtype == np.float16 or np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_:
-            return torch.from_numpy(np.ascontiguousarray(arr))
+            return torch.from_numpy(np.ascontiguousarray(arr)).reshape(arr.shape)  # 0-d stays 0-d
         raise LoadError(f"{self.path}: array {key!r} has unsupported dtype {arr.dtype}")
 
 
@@ -78,3 +78,31 @@ def load(path: str | os.PathLike, *, layout: str = "auto", name: str | None = No
     store = NpzStore(path)
     layers, skipped = build_layers(store, layout=layout)
     return Model(name=name or path.stem, source=str(path), format="npz", layers=layers, skipped=skipped)
+
+
+def open_array(path: str | os.PathLike, name: str | None = None, mmap: bool = True) -> np.ndarray:
+    """One array from a ``.npy`` file (memory-mapped unless ``mmap=False``) or a
+    ``.npz`` archive (the member ``name``, or its only one). Object arrays are
+    refused (``allow_pickle=False``)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise LoadError(f"{path}: no such file")
+    if zipfile.is_zipfile(path):
+        store = NpzStore(path)
+        keys = store.keys()
+        if name is None:
+            if len(keys) != 1:
+                raise LoadError(f"{path}: holds {len(keys)} arrays ({', '.join(keys[:5])}); name one")
+            name = keys[0]
+        if name not in keys:
+            raise LoadError(f"{path}: no array {name!r} (holds {', '.join(keys[:5])})")
+        return store.get(name).numpy()
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise LoadError(f"{path}: unreadable ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -144,22 +144,26 @@ def shard_files(index_path: Path) -> list[Path]:
     return files
 
 
+def resolve_files(path: Path) -> tuple[list[Path], Path]:
+    """The files behind a ``.safetensors`` file, an ``*.index.json`` or a folder
+    holding either, and the path that names them (the index, else ``path``)."""
+    if path.name.endswith(".index.json"):
+        return shard_files(path), path
+    if path.is_dir():
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        if indexes:
+            return shard_files(indexes[0]), indexes[0]
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise LoadError(f"{path}: no safetensors files in this folder")
+        return files, path
+    return [path], path
+
+
 def load(path: str | os.PathLike, *, layout: str = "auto", name: str | None = None) -> Model:
     """Load a ``.safetensors`` file, an ``*.index.json`` or a folder holding either."""
     path = Path(path)
-    if path.name.endswith(".index.json"):
-        files, source = shard_files(path), path
-    elif path.is_dir():
-        indexes = sorted(path.glob("*.safetensors.index.json"))
-        if indexes:
-            files, source = shard_files(indexes[0]), indexes[0]
-        else:
-            files = sorted(path.glob("*.safetensors"))
-            if not files:
-                raise LoadError(f"{path}: no safetensors files in this folder")
-            source = path
-    else:
-        files, source = [path], path
+    files, source = resolve_files(path)
     store = SafetensorsStore(files)
     layers, skipped = build_layers(store, layout=layout)
     notes = [f"{len(files)} shards"] if len(files) > 1 else []

@@ -67,6 +67,17 @@ def read_state_dict(path: Path, key: str | None = None) -> tuple[dict[str, torch
     return flat, notes
 
 
+def read_sharded_state_dict(index: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the shards a ``pytorch_model.bin.index.json`` names."""
+    from .safetensors import shard_files
+
+    tensors: dict[str, torch.Tensor] = {}
+    for f in shard_files(index):
+        part, _ = read_state_dict(f)
+        tensors.update(part)
+    return tensors
+
+
 def _torch_load(path: Path):
     try:
         with open(path, "rb") as fh:
@@ -188,12 +199,7 @@ def load(path: str | os.PathLike, *, key: str | None = None, layout: str = "auto
 
 
 def _load_sharded(index: Path, *, layout: str, name: str | None) -> Model:
-    from .safetensors import shard_files
-
-    tensors: dict[str, torch.Tensor] = {}
-    for f in shard_files(index):
-        part, _ = read_state_dict(f)
-        tensors.update(part)
+    tensors = read_sharded_state_dict(index)
     layers, skipped = build_layers(DictStore(tensors), layout=layout)
     return Model(
         name=name or index.resolve().parent.name,

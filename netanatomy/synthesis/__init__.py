@@ -18,8 +18,6 @@ from .permute import (
     weight_matching,
 )
 from .soup import SoupResult, greedy_soup, uniform_soup
-from .sources import Source, open_source
-from .writer import SafetensorsWriter, WrittenFile, content_hash, save_tensors, stored_hash
 
 __all__ = [
     "AlignResult",
@@ -28,28 +26,21 @@ __all__ = [
     "CommandEvaluator",
     "InterpolationCurve",
     "PermutationSpec",
-    "SafetensorsWriter",
     "SoupResult",
-    "Source",
-    "WrittenFile",
     "align",
     "apply_permutation",
     "average",
-    "content_hash",
     "ema",
     "ema_weights",
     "greedy_soup",
     "infer_chain",
     "interpolate",
     "loss_barrier",
-    "open_source",
     "plot_interpolation",
     "random_permutations",
     "recalibrate_bn",
-    "save_tensors",
     "spec_from_module",
     "spec_from_state",
-    "stored_hash",
     "uniform_soup",
     "weight_matching",
 ]

@@ -33,8 +33,7 @@ from typing import Sequence
 import torch
 
 from ..errors import UserError
-from .sources import CheckpointLike, Source, open_source, source_label
-from .writer import SafetensorsWriter, WrittenFile
+from ..io import CheckpointLike, CheckpointStore, SafetensorsWriter, WrittenFile, open_store
 
 NON_FLOAT_POLICIES = ("last", "first", "equal")
 
@@ -87,7 +86,7 @@ def _is_float(dt: torch.dtype) -> bool:
     return dt.is_floating_point or dt.is_complex
 
 
-def _plan(sources: list[Source], allow_missing: bool, dtype: torch.dtype | None) -> _Plan:
+def _plan(sources: list[CheckpointStore], allow_missing: bool, dtype: torch.dtype | None) -> _Plan:
     keys: list[str] = []
     seen: set[str] = set()
     for s in sources:
@@ -100,7 +99,7 @@ def _plan(sources: list[Source], allow_missing: bool, dtype: torch.dtype | None)
     if not allow_missing:
         for k in keys:
             if len(holders[k]) != len(sources):
-                missing = [source_label(sources[i]) for i in range(len(sources)) if i not in holders[k]]
+                missing = [sources[i].label for i in range(len(sources)) if i not in holders[k]]
                 raise UserError(
                     f"key {k!r} is missing from {len(missing)} checkpoint(s) (first: {missing[0]}); "
                     "checkpoints must hold the same tensors (allow_missing / --allow-missing averages each key over its holders)"
@@ -113,13 +112,13 @@ def _plan(sources: list[Source], allow_missing: bool, dtype: torch.dtype | None)
         for i in holders[k][1:]:
             if tuple(sources[i].shape(k)) != shape[k]:
                 raise UserError(
-                    f"shape mismatch for {k!r}: {list(shape[k])} in {source_label(sources[first])} "
-                    f"but {list(sources[i].shape(k))} in {source_label(sources[i])}"
+                    f"shape mismatch for {k!r}: {list(shape[k])} in {sources[first].label} "
+                    f"but {list(sources[i].shape(k))} in {sources[i].label}"
                 )
             if _is_float(sources[i].dtype(k)) != fl:
                 raise UserError(
-                    f"dtype mismatch for {k!r}: {sources[first].dtype(k)} in {source_label(sources[first])} "
-                    f"but {sources[i].dtype(k)} in {source_label(sources[i])}"
+                    f"dtype mismatch for {k!r}: {sources[first].dtype(k)} in {sources[first].label} "
+                    f"but {sources[i].dtype(k)} in {sources[i].label}"
                 )
         is_float[k] = fl
         d = sources[first].dtype(k)
@@ -136,7 +135,7 @@ def _cast_down(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return acc.to(dtype)
 
 
-def _pick(k: str, values: list[tuple[int, torch.Tensor]], policy: str, sources: list[Source]) -> torch.Tensor:
+def _pick(k: str, values: list[tuple[int, torch.Tensor]], policy: str, sources: list[CheckpointStore]) -> torch.Tensor:
     if policy == "first":
         return values[0][1].clone()
     if policy == "last":
@@ -145,7 +144,7 @@ def _pick(k: str, values: list[tuple[int, torch.Tensor]], policy: str, sources: 
     for i, v in values[1:]:
         if not torch.equal(v, ref):
             raise UserError(
-                f"non-float tensor {k!r} differs between {source_label(sources[i0])} and {source_label(sources[i])} "
+                f"non-float tensor {k!r} differs between {sources[i0].label} and {sources[i].label} "
                 "(non_float='equal'; use 'first' or 'last' to take one)"
             )
     return ref.clone()
@@ -165,7 +164,7 @@ def _check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     return [x / total for x in w]
 
 
-def _compute_key(k: str, plan: _Plan, sources: list[Source], weights: list[float], non_float: str) -> torch.Tensor:
+def _compute_key(k: str, plan: _Plan, sources: list[CheckpointStore], weights: list[float], non_float: str) -> torch.Tensor:
     hs = plan.holders[k]
     if not plan.is_float[k]:
         idx = hs[:1] if non_float == "first" else hs[-1:] if non_float == "last" else hs
@@ -209,14 +208,14 @@ def average(
         raise UserError(f"non_float must be one of {', '.join(NON_FLOAT_POLICIES)}, got {non_float!r}")
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
-    sources = [open_source(c, name=f"checkpoint {i}", key=key) for i, c in enumerate(checkpoints)]
+    sources = [open_store(c, name=f"checkpoint {i}", key=key) for i, c in enumerate(checkpoints)]
     w = _check_weights(weights, len(sources))
     # accumulate with the raw weights and divide once per key (a uniform mean is
     # an exact float64 sum divided by the count, as timm's avg_checkpoints does)
     raw = [1.0] * len(sources) if weights is None else [float(x) for x in weights]
     plan = _plan(sources, allow_missing, dtype)
     keep = keep_in_memory if keep_in_memory is not None else out is None
-    labels = [source_label(s) for s in sources]
+    labels = [s.label for s in sources]
     result = AverageResult(method=method, sources=labels, weights=w, counts={k: len(plan.holders[k]) for k in plan.keys})
     partial = [k for k in plan.keys if len(plan.holders[k]) != len(sources)]
     if partial:
@@ -259,7 +258,7 @@ def average(
     return result
 
 
-def _checkpoint_major(plan: _Plan, sources: list[Source], w: list[float], non_float: str):
+def _checkpoint_major(plan: _Plan, sources: list[CheckpointStore], w: list[float], non_float: str):
     """One checkpoint at a time into float64 accumulators (for memory-mapped files)."""
     acc: dict[str, torch.Tensor] = {}
     picks: dict[str, list[tuple[int, torch.Tensor]]] = {}
@@ -281,17 +280,13 @@ def _checkpoint_major(plan: _Plan, sources: list[Source], w: list[float], non_fl
                 if keep_it:
                     v = (i, src.get(k).clone())
                     picks[k] = picks.get(k, []) + [v] if non_float == "equal" else [v]
-        sources[i] = Source(src.name, src._shapes, src._dtypes, _get=_closed, lazy=True)  # drop the mapping
+        sources[i] = src.released()  # drop the mapping
         del src
     for k in plan.keys:
         if plan.is_float[k]:
             yield k, _cast_down(acc.pop(k).div_(totals[k]), plan.out_dtype[k])
         else:
             yield k, _pick(k, picks[k], non_float, sources)
-
-
-def _closed(key: str) -> torch.Tensor:  # pragma: no cover - guard
-    raise RuntimeError("checkpoint already released")
 
 
 def ema_weights(n: int, decay: float) -> list[float]:

@@ -48,18 +48,18 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import UserError
+from ..io import CheckpointStore, build_layers, open_store
 from ..model import CONV_KINDS, Layer, LayerKind
 from .permute import PermutationSpec
-from .sources import Source, open_source
 
 _RESIDUAL_RE = re.compile(r"(^|[._/])(downsample|shortcut|skip|residual|res_?conv|identity)([._/\d]|$)", re.I)
 _NAME_RE = re.compile(r"^(.*?)([A-Za-z_]*)(\d*)$")
 
 
 class _SourceStore:
-    """A :class:`~netanatomy.model.TensorStore` over a synthesis :class:`Source`."""
+    """A :class:`~netanatomy.model.TensorStore` over a :class:`~netanatomy.io.CheckpointStore`."""
 
-    def __init__(self, src: Source):
+    def __init__(self, src: CheckpointStore):
         self.src = src
 
     def keys(self) -> list[str]:
@@ -187,10 +187,8 @@ def _name_parts(name: str) -> tuple[str, str]:
     return head, (m.group(3) if m else "")
 
 
-def infer_chain(src: Source) -> tuple[Chain, PermutationSpec]:
+def infer_chain(src: CheckpointStore) -> tuple[Chain, PermutationSpec]:
     """Infer a sequential chain from a checkpoint's keys and shapes (see module docs)."""
-    from ..io._infer import build_layers
-
     for key in src.keys():
         if _RESIDUAL_RE.search(key):
             raise _unsupported(f"residual connections ({key!r}); pass the module to the Python API: align(a, b, spec=module)")
@@ -313,4 +311,4 @@ def infer_chain(src: Source) -> tuple[Chain, PermutationSpec]:
 
 def spec_from_state(state, name: str = "model") -> PermutationSpec:
     """The permutation spec of a plain chain, from a path, state dict or module's weights."""
-    return infer_chain(open_source(state, name))[1]
+    return infer_chain(open_store(state, name))[1]

@@ -190,8 +190,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         from .average import average
         from .chain import infer_chain
         from .permute import align
-        from .sources import open_source
-        from .writer import save_tensors
+        from ..io import open_store, save_tensors
 
         _check_out(out, [model_a, model_b])
         if average_out is not None:
@@ -202,7 +201,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
             raise UserError("--max-sweeps must be at least 1")
         if eval_cmd is not None and points < 2:
             raise UserError("--points must be at least 2")
-        ra, rb = open_source(model_a, key=key), open_source(model_b, key=key)
+        ra, rb = open_store(model_a, key=key), open_store(model_b, key=key)
         _same_keys_and_shapes(ra, rb)
         chain, spec = infer_chain(ra)
         res = align(ra, rb, spec, max_sweeps=max_sweeps, seed=seed)

@@ -90,7 +90,7 @@ class CommandEvaluator:
     def __call__(self, state: Mapping[str, torch.Tensor] | str | os.PathLike) -> float:
         if isinstance(state, (str, os.PathLike)):
             return self.run_on_file(state)
-        from .writer import save_tensors
+        from ..io import save_tensors
 
         with tempfile.TemporaryDirectory(prefix="netanatomy-eval-") as d:
             path = Path(d) / "candidate.safetensors"

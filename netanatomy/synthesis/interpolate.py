@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import UserError
 from .average import average
 from .evaluate import as_evaluator, scores_of
-from .sources import CheckpointLike
+from ..io import CheckpointLike
 
 
 @dataclass

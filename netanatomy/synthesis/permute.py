@@ -472,9 +472,9 @@ def align(
     chain (:mod:`netanatomy.synthesis.chain`), and anything that cannot be told
     apart from a chain is refused with a :class:`UserError`.
     """
-    from .sources import open_source
+    from ..io import open_store
 
-    ra, rb = open_source(reference, "model A"), open_source(other, "model B")
+    ra, rb = open_store(reference, "model A"), open_store(other, "model B")
     if spec is None and isinstance(reference, nn.Module):
         spec = reference
     elif spec is None and isinstance(other, nn.Module):

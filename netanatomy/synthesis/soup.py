@@ -22,9 +22,9 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import UserError
+from ..io import CheckpointLike, open_store
 from .average import AverageResult, average
 from .evaluate import as_evaluator, pick, scores_of
-from .sources import CheckpointLike, open_source
 
 
 @dataclass
@@ -79,7 +79,7 @@ def _score(evaluate, obj, metric) -> float:
     if isinstance(obj, (str, os.PathLike)) and hasattr(evaluate, "run_on_file"):
         value = evaluate.run_on_file(obj)
     else:
-        src = open_source(obj) if not isinstance(obj, dict) else None
+        src = open_store(obj) if not isinstance(obj, dict) else None
         value = evaluate(obj if isinstance(obj, dict) else _materialize(src))
     return pick(scores_of(value), metric)
 

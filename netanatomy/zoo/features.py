@@ -35,6 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import UserError
+from ..io import build_layers, load, open_array, open_store, read_tensors
 
 STAT_NAMES = ("mean", "std", "q0", "q25", "q50", "q75", "q100", "l1", "l2")
 _PCTS = (0.0, 25.0, 50.0, 75.0, 100.0)
@@ -147,17 +148,12 @@ def _open_ours(root: Path) -> Zoo:
         raise UserError(f"{root}: no checkpoint files found")
 
     def reader(rows):
-        from safetensors.numpy import load_file
-
         out = np.full((len(rows), layout[-1].end), np.nan, dtype=np.float32)
         for i, r in enumerate(rows):
             p = paths[r]
             if p is None:
                 continue
-            try:
-                t = load_file(str(p))
-            except Exception as exc:
-                raise UserError(f"{p}: unreadable checkpoint ({exc})") from exc
+            t, _ = read_tensors(p, "np")
             for e in layout:
                 if e.name not in t or tuple(t[e.name].shape) != tuple(e.shape):
                     raise UserError(f"{p}: tensor {e.name} missing or of another shape than the zoo's")
@@ -168,14 +164,9 @@ def _open_ours(root: Path) -> Zoo:
 
 
 def _safetensors_layout(path: Path) -> list[LayoutEntry]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "np") as f:
-            keys = list(f.keys())
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
-    except Exception as exc:
-        raise UserError(f"{path}: unreadable checkpoint ({exc})") from exc
+    store = open_store(path)
+    keys = store.keys()
+    shapes = {k: tuple(store.shape(k)) for k in keys}
     from .train import PARAM_NAMES
 
     order = [k for k in PARAM_NAMES if k in shapes] + sorted(k for k in keys if k not in PARAM_NAMES)
@@ -269,10 +260,7 @@ def open_small_cnn_zoo(root: str | Path) -> Zoo:
     mpath = next((root / n for n in ("metrics.csv", "metrics.csv.gz", "all_metrics.csv", "all_metrics.csv.gz") if (root / n).exists()), None)
     if wpath is None or mpath is None:
         raise UserError(f"{root}: the Small CNN Zoo layout needs weights.npy and metrics.csv[.gz]")
-    try:
-        W = np.load(wpath, mmap_mode="r", allow_pickle=False)
-    except Exception as exc:
-        raise UserError(f"{wpath}: unreadable ({exc})") from exc
+    W = open_array(wpath)
     if W.ndim != 2:
         raise UserError(f"{wpath}: expected a 2-D array (networks x weights), got shape {W.shape}")
     try:
@@ -364,7 +352,6 @@ def checkpoint_features(source) -> dict:
     :func:`netanatomy.load` and :func:`netanatomy.stats.tensor_stats`)."""
     import torch
 
-    from ..io import load
     from ..stats import tensor_stats
 
     m = source if hasattr(source, "layers") else load(source)
@@ -397,7 +384,6 @@ def esd_features(tensors: dict[str, np.ndarray]) -> dict:
         return {}
     import torch
 
-    from ..io._infer import build_layers
     from ..model import DictStore, Model
     from ..spectral.analysis import SpectralAnalysis, SpectralOptions
 

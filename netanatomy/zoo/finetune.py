@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..io import read_tensors
 from .train import (
     PARAM_NAMES,
     StackOptimizer,
@@ -148,17 +149,10 @@ def finetune_group(payload: dict):
 
 def read_base(path) -> tuple[dict[str, np.ndarray], str]:
     """Base weights (our zoo's tensor names) and its activation (from metadata)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such base checkpoint")
-    try:
-        with safe_open(str(path), "np") as f:
-            t = {k: f.get_tensor(k) for k in f.keys()}
-            meta = f.metadata() or {}
-    except Exception as exc:
-        raise UserError(f"{path}: not a readable safetensors checkpoint ({exc})") from exc
+    t, meta = read_tensors(path, "np")
     missing = [k for k in PARAM_NAMES if k not in t]
     if missing:
         raise UserError(f"{path}: not a zoo net (missing {', '.join(missing)})")

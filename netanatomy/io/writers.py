@@ -29,7 +29,9 @@ from typing import Mapping
 
 import torch
 
+from .._util import atomic_write_text
 from ..errors import UserError
+from .safetensors import SafetensorsStore
 
 DTYPE_CODES = {
     torch.float64: "F64",
@@ -149,8 +151,6 @@ class SafetensorsWriter:
                 self.file_sha256 = file_sha256(tmp)
                 os.replace(tmp, self.path)
                 if self.sidecar:
-                    from .._util import atomic_write_text
-
                     atomic_write_text(self.path.with_name(self.path.name + ".sha256"), f"{self.file_sha256}  {self.path.name}\n")
         finally:
             if not fh.closed:
@@ -185,8 +185,6 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
 
 def content_hash(path: str | os.PathLike) -> str:
     """Recompute ``content_sha256`` of a safetensors file (tensors in file order)."""
-    from ..io.safetensors import SafetensorsStore
-
     store = SafetensorsStore([Path(path)])
     with open(path, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
@@ -202,6 +200,4 @@ def content_hash(path: str | os.PathLike) -> str:
 
 
 def stored_hash(path: str | os.PathLike) -> str | None:
-    from ..io.safetensors import SafetensorsStore
-
     return SafetensorsStore([Path(path)]).metadata.get(HASH_KEY)
