@@ -260,3 +260,13 @@ def test_no_graph_no_spaces(tmp_path):
     m = netanatomy.load(path)
     assert channel_spaces(m) is None
     assert all(g.space_fixed is None and g.tied == [] for g in find_channel_groups(m))
+
+
+def test_loading_keeps_each_submodule_mode_and_statistics():
+    net = _model(ResNet)
+    net.train()
+    net.bn.eval()
+    stats = net.blocks[0].b1.running_mean.clone()
+    torch_module.load(net)  # shape propagation runs a dummy input through the net
+    assert net.training and not net.bn.training and net.blocks[0].b1.training
+    assert torch.equal(net.blocks[0].b1.running_mean, stats)

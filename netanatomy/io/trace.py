@@ -51,7 +51,8 @@ def trace(module: nn.Module, leaves: Iterable[str] = ()) -> fx.Graph:
 def propagate_shapes(module: nn.Module, graph: fx.Graph, first_kind: LayerKind | None, in_channels: int) -> bool:
     """Annotate ``graph``'s nodes with ``tensor_meta`` by running a dummy input of
     ``in_channels`` channels through it (input sizes 64, 32, 224, 16 are tried for
-    a network whose first layer is a convolution). False when no guess fits or the
+    a network whose first layer is a convolution), in eval mode, leaving every
+    submodule's train / eval mode as it was. False when no guess fits or the
     network does not start with a convolution."""
     from torch.fx.passes.shape_prop import ShapeProp
 
@@ -61,7 +62,7 @@ def propagate_shapes(module: nn.Module, graph: fx.Graph, first_kind: LayerKind |
     gm = fx.GraphModule(module, graph)
     nd = {LayerKind.CONV1D: 1, LayerKind.CONV2D: 2, LayerKind.CONV3D: 3}[first_kind]
     sizes = (64, 32, 224, 16) if nd < 3 else (16, 32)
-    was_training = gm.training
+    modes = [(m, m.training) for m in module.modules()]  # restored one by one afterwards
     gm.eval()
     try:
         for s in sizes:
@@ -74,4 +75,5 @@ def propagate_shapes(module: nn.Module, graph: fx.Graph, first_kind: LayerKind |
                 continue
         return False
     finally:
-        gm.train(was_training)
+        for m, mode in modes:
+            m.training = mode
