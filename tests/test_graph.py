@@ -270,3 +270,29 @@ def test_loading_keeps_each_submodule_mode_and_statistics():
     torch_module.load(net)  # shape propagation runs a dummy input through the net
     assert net.training and not net.bn.training and net.blocks[0].b1.training
     assert torch.equal(net.blocks[0].b1.running_mean, stats)
+
+
+class Mixer(nn.Module):
+    """A softmax over the channels: not a per-channel operation, so the space is fixed."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.mix = nn.Softmax(dim=1)
+        self.b = nn.Conv2d(6, 4, 3, padding=1)
+        self.c = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.b(self.mix(self.a(x)))
+        return self.fc(F.relu(self.c(F.relu(x) * 0.5)).mean((2, 3)))
+
+
+def test_a_channel_mixing_operation_fixes_the_space_for_both():
+    net = _model(Mixer)
+    m = torch_module.load(net)
+    by_writer = {w: s for s in channel_spaces(m) for w in s.writers}
+    assert by_writer["a"].fixed and not by_writer["b"].fixed and not by_writer["c"].fixed
+    groups = {g.layer: g for g in find_channel_groups(m)}
+    assert groups["a"].space_fixed is True and groups["b"].space_fixed is False
+    assert _permute_spaces(net, m) == [["b"], ["c"]]
