@@ -239,18 +239,139 @@ class Edge:
     via: tuple[str, ...] = ()
 
 
+# Kinds of :class:`OpNode`.
+OP_INPUT, OP_OUTPUT, OP_LAYER = "input", "output", "layer"
+OP_CONCAT, OP_ADD, OP_POOL, OP_FLATTEN, OP_OTHER = "concat", "add", "pool", "flatten", "other"
+
+
+@dataclass
+class OpNode:
+    """One operation of the data flow, in topological order.
+
+    ``op`` is the kind: ``input``, ``output``, ``layer`` (computes one of the
+    model's weight layers, named in ``layer``), ``concat``, ``add`` (of two
+    tensors), ``pool``, ``flatten`` or ``other`` (activations, arithmetic with a
+    constant, anything else). ``inputs`` are the ids of the nodes whose outputs it
+    reads, in argument order (for a concatenation, the order of the joined
+    tensors). An ``other`` node may still name a layer whose weights it uses
+    without being a plain weight layer (a ``MultiheadAttention`` call, a transposed
+    convolution, an embedding lookup): layer-to-layer edges end there, channel
+    walks do not. ``label`` is the normalised operation recorded on edges
+    (``global_avg_pool``, ``add``, ``flatten`` ..., ``""`` for a no-op).
+    ``keeps_channels`` says dim 1 of the output is dim 1 of the input, channel for
+    channel (false for reshapes, matrix products, splits ...). ``channels`` and
+    ``rank`` describe the output when known; a concatenation records its ``axis``
+    and, when every input's channel count is known, the ``offsets`` at which each
+    input starts in the joined tensor.
+    """
+
+    id: int
+    op: str
+    inputs: list[int] = field(default_factory=list)
+    layer: str | None = None
+    label: str = ""
+    keeps_channels: bool = True
+    channels: int | None = None
+    rank: int | None = None
+    axis: int | None = None
+    offsets: list[int] | None = None
+
+
 @dataclass
 class Graph:
-    """What a loader learnt of the data flow between layers."""
+    """What a loader learnt of the data flow.
+
+    ``nodes`` is the data flow between operations (see :class:`OpNode`), when the
+    loader recorded it; ``edges`` are the layer-to-layer edges with the operations
+    on each path, derived from ``nodes`` when not given.
+    """
 
     edges: list[Edge] = field(default_factory=list)
     source: str = ""  # "torch.fx", "onnx"
+    nodes: list[OpNode] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.nodes and not self.edges:
+            self.edges = layer_edges(self.nodes)
+
+    @property
+    def has_flow(self) -> bool:
+        return bool(self.nodes)
+
+    def node(self, nid: int) -> OpNode:
+        return self.nodes[nid]
+
+    def users(self) -> dict[int, list[int]]:
+        """For every node id, the ids of the nodes that read it (in node order)."""
+        out: dict[int, list[int]] = {n.id: [] for n in self.nodes}
+        for n in self.nodes:
+            for i in n.inputs:
+                if i in out:
+                    out[i].append(n.id)
+        return out
+
+    def layer_nodes(self, name: str) -> list[OpNode]:
+        return [n for n in self.nodes if n.op == OP_LAYER and n.layer == name]
 
     def successors(self, name: str) -> list[Edge]:
         return [e for e in self.edges if e.src == name]
 
     def predecessors(self, name: str) -> list[Edge]:
         return [e for e in self.edges if e.dst == name]
+
+
+def layer_edges(nodes: Sequence[OpNode]) -> list[Edge]:
+    """Layer-to-layer edges of a data flow: from every node that names a layer,
+    walk back through its inputs to the nearest nodes naming layers, recording
+    the ``label`` of each operation passed (the shortest path wins)."""
+    by_id = {n.id: n for n in nodes}
+    edges: dict[tuple[str, str], tuple[str, ...]] = {}
+    for n in nodes:
+        if n.layer is None:
+            continue
+        stack = [(by_id[i], ()) for i in dict.fromkeys(n.inputs) if i in by_id]
+        seen: set = set()
+        while stack:
+            cur, via = stack.pop()
+            if cur.layer is not None:
+                key = (cur.layer, n.layer)
+                path = tuple(reversed(via))
+                if key not in edges or len(path) < len(edges[key]):
+                    edges[key] = path
+                continue
+            if (cur.id, via) in seen or len(via) > 64:
+                continue
+            seen.add((cur.id, via))
+            nxt = via + ((cur.label,) if cur.label else ())
+            for i in dict.fromkeys(cur.inputs):
+                if i in by_id:
+                    stack.append((by_id[i], nxt))
+    return [Edge(s, d, v) for (s, d), v in edges.items()]
+
+
+def fill_channels(nodes: Sequence[OpNode], layers: dict[str, "Layer"]) -> None:
+    """Fill in the ``channels`` a loader could not measure (in node order): a weight
+    layer's output features, the sum over a channel concatenation, else the first
+    input's; then record every channel concatenation's ``offsets``."""
+    by_id = {n.id: n for n in nodes}
+    for n in nodes:
+        if n.channels is None:
+            lay = layers.get(n.layer) if n.op == OP_LAYER and n.layer is not None else None
+            if n.op == OP_LAYER and lay is not None and lay.kind != LayerKind.NORM:
+                n.channels = lay.out_features
+            elif n.op == OP_CONCAT:
+                cs = [by_id[i].channels for i in n.inputs]
+                n.channels = sum(cs) if cs and all(c is not None for c in cs) and n.axis in (1, None) else None
+            elif n.inputs:
+                n.channels = by_id[n.inputs[0]].channels
+        if n.op == OP_CONCAT and n.axis == 1:
+            cs = [by_id[i].channels for i in n.inputs]
+            if cs and all(c is not None for c in cs):
+                starts, at = [], 0
+                for c in cs:
+                    starts.append(at)
+                    at += c
+                n.offsets = starts
 
 
 @dataclass

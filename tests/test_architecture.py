@@ -141,7 +141,7 @@ def _opens_weights(tree: ast.Module) -> list[int]:
     return lines
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: banding/experiment.py and branches/discovery.py still open files themselves")
+@pytest.mark.xfail(strict=True, reason="issue 16: banding/experiment.py still opens files itself")
 def test_only_io_opens_weights_files():
     offenders = []
     for m, (path, tree) in MODULES.items():

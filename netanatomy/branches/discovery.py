@@ -14,19 +14,17 @@ Three kinds of branch point are found:
   additions into the same stream is a ``residual`` point whose branches are the
   blocks, with the blocks' first ("read") layers as their neurons.
 
-Grouped convolutions need only the layers. Everything else needs the data flow,
-which comes from the model's own ``torch.fx`` trace (``model.module``, with shape
-propagation for channel counts) or from the ONNX file (``model.source``); a model
-without either falls back to grouped convolutions and says so.
+Grouped convolutions need only the layers. Everything else needs the data flow
+the loader recorded in ``model.graph.nodes`` (the ``torch.fx`` trace of an
+in-memory module, with shape propagation for channel counts, or the ONNX graph
+with its inferred shapes); a model without it falls back to grouped convolutions
+and says so.
 """
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
-from typing import Any
-
-from ..model import CONV_KINDS, Layer, LayerKind, Model
+from ..model import OP_ADD, OP_CONCAT, OP_INPUT, OP_LAYER, OP_OUTPUT, Layer, LayerKind, Model
 
 # ops that keep the channel axis as it is (anything else unknown is assumed to, too,
 # except these, which end a channel walk)
@@ -152,7 +150,6 @@ class _Flow:
                 if i in self.users:
                     self.users[i].append(n.id)
         self._anc: dict[int, frozenset[int]] = {}
-        self._infer_channels()
 
     def layer_of(self, nid: int) -> Layer | None:
         n = self.nodes[nid]
@@ -161,20 +158,6 @@ class _Flow:
     def _is_norm(self, nid: int) -> bool:
         lay = self.layer_of(nid)
         return lay is not None and lay.kind == LayerKind.NORM
-
-    def _infer_channels(self) -> None:
-        for nid in self.order:
-            n = self.nodes[nid]
-            if n.channels is not None:
-                continue
-            lay = self.layer_of(nid)
-            if n.op == "layer" and lay is not None and lay.kind != LayerKind.NORM:
-                n.channels = lay.out_features
-            elif n.op == "concat":
-                cs = [self.nodes[i].channels for i in n.inputs]
-                n.channels = sum(cs) if cs and all(c is not None for c in cs) and n.axis in (1, None) else None
-            elif n.inputs:
-                n.channels = self.nodes[n.inputs[0]].channels
 
     def ancestors(self, nid: int) -> frozenset[int]:
         """Every node ``nid`` depends on, itself included."""
@@ -232,185 +215,41 @@ class _Flow:
 
 
 # ---------------------------------------------------------------------------
-# graph sources
+# the model's data flow
 
-
-def _flow_from_fx(model: Model) -> tuple[_Flow | None, str]:
-    import torch
-    import torch.fx as fx
-    from torch import nn
-
-    module = model.module
-    if not isinstance(module, nn.Module):
-        return None, "no live module"
-    names = {layer.name for layer in model.layers}
-
-    class _Tracer(fx.Tracer):
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return qualname in names or super().is_leaf_module(m, qualname)
-
-    try:
-        graph = _Tracer().trace(module)
-    except Exception as exc:  # a model that does not trace has no graph
-        return None, f"torch.fx could not trace the model ({type(exc).__name__})"
-    gm = fx.GraphModule(module, graph)
-    shapes_ok = _propagate_shapes(gm, model)
-
-    submodules = dict(module.named_modules())
-    ids: dict[Any, int] = {}
-    nodes: list[_Node] = []
-    for node in graph.nodes:
-        ids[node] = len(ids)
-        ins = [ids[a] for a in list(node.all_input_nodes) if a in ids]
-        op, label, axis, layer = "other", "", None, None
-        if node.op == "placeholder":
-            op, label = "input", "input"
-        elif node.op == "output":
-            op, label = "output", "output"
-        elif node.op == "call_module" and node.target in names:
-            op, layer = "layer", node.target
-        else:
-            fname = getattr(node.target, "__name__", str(node.target))
-            if node.op in ("call_function", "call_method") and fname in ("cat", "concat", "concatenate"):
-                op = "concat"
-                axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
-                ins = [ids[a] for a in (node.args[0] if node.args else node.kwargs.get("tensors", [])) if a in ids]
-            elif (node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)) or (
-                node.op == "call_method" and fname in ("add", "add_")
-            ):
-                tensor_ins = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-                op = "add" if len(tensor_ins) == 2 else "other"
-            elif fname in ("flatten", "view", "reshape", "linear", "matmul", "mm", "bmm", "split", "chunk"):
-                label = "flatten" if fname not in ("split", "chunk") else "split"
-            elif node.op == "call_module":
-                sub = submodules.get(node.target)
-                if isinstance(sub, (nn.Flatten, nn.Linear)):
-                    label = "flatten"
-            if fname == "getattr":
-                label = "flatten"  # x.shape and friends: not a channel path
-        meta = node.meta.get("tensor_meta") if shapes_ok else None
-        channels = rank = None
-        if meta is not None and hasattr(meta, "shape"):
-            rank = len(meta.shape)
-            channels = int(meta.shape[1]) if rank >= 2 else None
-        if op == "concat" and axis is not None and rank is not None and axis < 0:
-            axis = axis + rank
-        nodes.append(_Node(len(nodes), op, ins, layer=layer, axis=axis, channels=channels, rank=rank, label=label))
-    return _Flow(nodes, model), "torch.fx"
-
-
-def _propagate_shapes(gm, model: Model) -> bool:
-    """Run shape propagation with a small dummy input; False when no guess fits."""
-    import torch
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        return False
-    first = next((l for l in model.layers if l.kind not in (LayerKind.NORM, LayerKind.OTHER)), None)
-    if first is None or first.kind not in CONV_KINDS:
-        return False
-    nd = {LayerKind.CONV1D: 1, LayerKind.CONV2D: 2, LayerKind.CONV3D: 3}[first.kind]
-    sizes = (64, 32, 224, 16) if nd < 3 else (16, 32)
-    was_training = gm.training
-    gm.eval()
-    try:
-        for s in sizes:
-            x = torch.zeros((1, first.in_features) + (s,) * nd)
-            try:
-                with torch.no_grad():
-                    ShapeProp(gm).propagate(x)
-                return True
-            except Exception:  # wrong guess of the input size: try the next
-                continue
-        return False
-    finally:
-        gm.train(was_training)
-
-
-def _flow_from_onnx(model: Model) -> tuple[_Flow | None, str]:
-    try:
-        import onnx
-    except ImportError:
-        return None, "the onnx package is not installed"
-    try:
-        proto = onnx.load(str(model.source), load_external_data=False)
-    except Exception as exc:
-        return None, f"could not re-read {model.source} ({type(exc).__name__})"
-    try:
-        proto = onnx.shape_inference.infer_shapes(proto)
-    except Exception:  # shapes are a bonus
-        pass
-    g = proto.graph
-    inits = {t.name for t in g.initializer}
-    consts = {n.output[0] for n in g.node if n.op_type == "Constant" and n.output}
-    weight_to_layer = {layer.tensors.get("weight"): layer.name for layer in model.layers}
-    producer_of: dict[str, Any] = {}
-    for n in g.node:
-        for o in n.output:
-            producer_of[o] = n
-
-    def weight_name(t: str) -> str | None:
-        for _ in range(8):
-            if t in inits or t in consts:
-                return t
-            n = producer_of.get(t)
-            if n is None or n.op_type not in ("Identity", "Cast") or not n.input:
-                return None
-            t = n.input[0]
-        return None
-
-    shapes: dict[str, list] = {}
-    for vi in list(g.value_info) + list(g.input) + list(g.output):
-        dims = vi.type.tensor_type.shape.dim
-        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-
-    nodes: list[_Node] = []
-    tensor_node: dict[str, int] = {}
-    for inp in g.input:
-        if inp.name in inits:
-            continue
-        nid = len(nodes)
-        nodes.append(_Node(nid, "input", [], label="input"))
-        tensor_node[inp.name] = nid
-    for n in g.node:
-        if n.op_type == "Constant":
-            continue
-        op, label, layer, axis = "other", n.op_type.lower(), None, None
-        data_inputs = [t for t in n.input if t and t not in inits and t not in consts and t in tensor_node]
-        if n.op_type in ("Conv", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
-                         "LayerNormalization", "GroupNormalization") and len(n.input) > 1:
-            w = weight_name(n.input[1] if n.op_type != "MatMul" or n.input[1] not in tensor_node else "")
-            if w is not None and w in weight_to_layer:
-                op, layer = "layer", weight_to_layer[w]
-                data_inputs = [n.input[0]] if n.input[0] in tensor_node else []
-        if n.op_type == "Concat":
-            op = "concat"
-            axis = next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"), None)
-        elif n.op_type == "Add" and len(data_inputs) == 2:
-            op = "add"
-        elif n.op_type in ("Flatten", "Reshape", "Gemm", "MatMul", "Split", "Slice"):
-            label = "flatten"
-        nid = len(nodes)
-        out = n.output[0] if n.output else ""
-        shp = shapes.get(out)
-        rank = len(shp) if shp else None
-        ch = shp[1] if shp and len(shp) >= 2 and shp[1] else None
-        if op == "concat" and axis is not None and axis < 0 and rank:
-            axis += rank
-        nodes.append(_Node(nid, op, [tensor_node[t] for t in data_inputs], layer=layer, axis=axis,
-                           channels=ch, rank=rank, label=label if op == "other" else op))
-        for o in n.output:
-            tensor_node[o] = nid
-    return _Flow(nodes, model), "onnx"
+_FLOW_OPS = (OP_INPUT, OP_OUTPUT, OP_LAYER, OP_CONCAT, OP_ADD)
 
 
 def _flow(model: Model) -> tuple[_Flow | None, str]:
-    if model.module is not None:
-        return _flow_from_fx(model)
-    if model.format == "onnx":
-        return _flow_from_onnx(model)
-    return None, f"the {model.format} format carries no data-flow graph"
+    """The model's data-flow graph as recorded by its loader."""
+    graph = model.graph
+    if graph is None or not graph.nodes:
+        if model.module is not None:
+            why = next((n.removeprefix("no graph: ") for n in model.notes if n.startswith("no graph")), "")
+            return None, why or "the model was loaded without tracing"
+        if model.format == "onnx":
+            return None, "the ONNX file's data flow was not recorded"
+        return None, f"the {model.format} format carries no data-flow graph"
+    nodes = []
+    for n in graph.nodes:
+        op = n.op if n.op in _FLOW_OPS else "other"
+        if op in (OP_INPUT, OP_OUTPUT, OP_CONCAT, OP_ADD):
+            label = op
+        else:
+            label = "" if n.keeps_channels else "flatten"
+        nodes.append(
+            _Node(
+                n.id,
+                op,
+                list(n.inputs),
+                layer=n.layer if op == OP_LAYER else None,
+                axis=n.axis,
+                channels=n.channels,
+                rank=n.rank,
+                label=label,
+            )
+        )
+    return _Flow(nodes, model), graph.source
 
 
 # ---------------------------------------------------------------------------

@@ -13,12 +13,18 @@ A channel ``c`` of layer ``L`` owns
 
 Successors reached through a concatenation are not followed (the channel offset in
 the concatenated tensor is unknown); the group says so in ``notes``.
+
+Each group also records its layer's channel space (:mod:`netanatomy.channels`):
+``tied`` lists the other layers whose output channels are the same channels
+(the blocks writing one residual stream), ``space_fixed`` whether that space
+cannot be reordered.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..channels import channel_spaces, space_of
 from ..model import LAYOUT_TORCH, CONV_KINDS, Layer, LayerKind, Model
 
 TRACKED_KINDS = CONV_KINDS | {LayerKind.LINEAR}
@@ -49,6 +55,8 @@ class ChannelGroup:
     norm_keys: list[str] = field(default_factory=list)  # 1-D params indexed by channel
     outs: list[OutSlice] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    tied: list[str] = field(default_factory=list)  # other writers of the same channel space
+    space_fixed: bool | None = None  # None: no graph, space unknown
 
     @property
     def coupled(self) -> bool:
@@ -112,6 +120,7 @@ def find_channel_groups(model: Model, layers: list[str] | None = None) -> list[C
         tracked_names = wanted
     else:
         tracked_names = {l.name for l in tracked}
+    spaces = space_of(channel_spaces(model))
     groups: list[ChannelGroup] = []
     for i, layer in enumerate(tracked):
         if layer.name not in tracked_names:
@@ -124,6 +133,9 @@ def find_channel_groups(model: Model, layers: list[str] | None = None) -> list[C
             in_layout=layer.layout,
             bias_key=layer.tensors.get("bias"),
         )
+        if layer.name in spaces:
+            g.tied = [w for w in spaces[layer.name].writers if w != layer.name]
+            g.space_fixed = spaces[layer.name].fixed
         if model.graph is not None:
             # norms directly after the layer (possibly through an activation)
             stack = [e.dst for e in model.graph.successors(layer.name)]

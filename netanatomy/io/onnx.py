@@ -16,7 +16,25 @@ import numpy as np
 import torch
 
 from ..errors import LoadError, UnsafeFileError, UserError
-from ..model import LAYOUT_TORCH, LAYOUT_TRANSPOSED, Edge, Graph, Layer, LayerKind, Model, SkippedTensor
+from ..model import (
+    LAYOUT_TORCH,
+    LAYOUT_TRANSPOSED,
+    OP_ADD,
+    OP_CONCAT,
+    OP_FLATTEN,
+    OP_INPUT,
+    OP_LAYER,
+    OP_OTHER,
+    OP_POOL,
+    POOL_OPS,
+    Graph,
+    Layer,
+    LayerKind,
+    Model,
+    OpNode,
+    SkippedTensor,
+    fill_channels,
+)
 
 _PASS_THROUGH = {"Identity", "Cast"}
 
@@ -125,7 +143,6 @@ def load(path: str | os.PathLike, *, name: str | None = None) -> Model:
 
     layers: list[Layer] = []
     node_layer: dict[int, str] = {}  # id(node) -> layer name
-    data_input: dict[int, str] = {}  # id(node) -> the tensor its data comes in by
     used: set[str] = set()
     bias_adds: set[int] = set()
     names_taken: set[str] = set()
@@ -156,7 +173,7 @@ def load(path: str | os.PathLike, *, name: str | None = None) -> Model:
         op = node.op_type
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         tensors: dict[str, str] = {}
-        kind, layout, groups, data_in = None, LAYOUT_TORCH, 1, None
+        kind, layout, groups = None, LAYOUT_TORCH, 1
         if op in ("Conv", "ConvTranspose") and len(node.input) > 1:
             w = weight_source(node.input[1])
             if w is None:
@@ -169,7 +186,6 @@ def load(path: str | os.PathLike, *, name: str | None = None) -> Model:
             tensors["weight"] = w
             if len(node.input) > 2 and (b := weight_source(node.input[2])):
                 tensors["bias"] = b
-            data_in = node.input[0]
         elif op == "Gemm" and len(node.input) > 1:
             w = weight_source(node.input[1])
             if w is None or len(store.shape(w)) != 2:
@@ -179,7 +195,6 @@ def load(path: str | os.PathLike, *, name: str | None = None) -> Model:
             tensors["weight"] = w
             if len(node.input) > 2 and (b := weight_source(node.input[2])):
                 tensors["bias"] = b
-            data_in = node.input[0]
         elif op == "MatMul" and len(node.input) == 2:
             w = weight_source(node.input[1])
             if w is None or len(store.shape(w)) != 2:
@@ -192,14 +207,12 @@ def load(path: str | os.PathLike, *, name: str | None = None) -> Model:
                     if other and (b := weight_source(other[0])) and len(store.shape(b)) == 1:
                         tensors["bias"] = b
                         bias_adds.add(id(c))
-            data_in = node.input[0]
         elif op == "Gather" and len(node.input) == 2:
             w = weight_source(node.input[0])
             if w is None or len(store.shape(w)) != 2:
                 continue
             kind = LayerKind.EMBEDDING
             tensors["weight"] = w
-            data_in = node.input[1]
         elif op in ("BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization"):
             w = weight_source(node.input[1]) if len(node.input) > 1 else None
             if w is None:
@@ -210,7 +223,6 @@ def load(path: str | os.PathLike, *, name: str | None = None) -> Model:
             for role, inp in zip(roles, node.input[2:]):
                 if (t := weight_source(inp)) is not None:
                     tensors[role] = t
-            data_in = node.input[0]
         if kind is None:
             continue
         lname = layer_name(node, tensors["weight"], i)
@@ -231,7 +243,6 @@ def load(path: str | os.PathLike, *, name: str | None = None) -> Model:
             )
         )
         node_layer[id(node)] = lname
-        data_input[id(node)] = data_in
         used.update(tensors.values())
 
     skipped = []
@@ -242,40 +253,94 @@ def load(path: str | os.PathLike, *, name: str | None = None) -> Model:
         reason = f"used by {', '.join(users)}, not a weight layer" if users else "not used by any node"
         skipped.append(SkippedTensor(key, store.shape(key), store.dtype(key), reason))
 
-    edges = _edges(producer, node_layer, data_input, bias_adds, store, onnx)
+    flow = _flow(proto, layers, node_layer, bias_adds, store, onnx)
     return Model(
         name=name or path.stem,
         source=str(path),
         format="onnx",
         layers=layers,
         skipped=skipped,
-        graph=Graph(edges=edges, source="onnx"),
+        graph=Graph(source="onnx", nodes=flow),
         metadata={"opset": ",".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in proto.opset_import)},
     )
 
 
-def _edges(producer, node_layer, data_input, bias_adds, store, onnx) -> list[Edge]:
-    edges: dict[tuple[str, str], tuple[str, ...]] = {}
-    for nid, dst in node_layer.items():
-        stack = [(data_input[nid], ())]
-        seen = set()
-        while stack:
-            tname, via = stack.pop()
-            node = producer.get(tname)
-            if node is None or (tname, via) in seen or len(via) > 64:
-                continue
-            seen.add((tname, via))
-            if id(node) in node_layer and id(node) != nid:
-                key = (node_layer[id(node)], dst)
-                if key not in edges or len(via) < len(edges[key]):
-                    edges[key] = tuple(reversed(via))
-                continue
-            label = "" if id(node) in bias_adds else _label(node, store, onnx)
-            nxt = via + ((label,) if label else ())
-            for inp in node.input:
-                if inp and inp not in store._protos:
-                    stack.append((inp, nxt))
-    return [Edge(s, d, v) for (s, d), v in edges.items()]
+_LAYER_OPS = ("Conv", "Gemm", "MatMul", "BatchNormalization", "InstanceNormalization",
+              "LayerNormalization", "GroupNormalization")
+_RESHAPING = ("Flatten", "Reshape", "Gemm", "MatMul", "Split", "Slice")
+
+
+def _flow(proto, layers, node_layer, bias_adds, store, onnx) -> list[OpNode]:
+    """The data flow of the graph as :class:`OpNode` s, in the file's (topological)
+    order. ``Constant`` nodes and initializers are weights, not data."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # shapes are a bonus
+        inferred = proto
+    g = inferred.graph
+    inits = {t.name for t in g.initializer}
+    consts = {n.output[0] for n in g.node if n.op_type == "Constant" and n.output}
+    weight_to_layer = {layer.tensors.get("weight"): layer.name for layer in layers}
+    producer_of = {o: n for n in g.node for o in n.output}
+
+    def weight_name(t: str) -> str | None:
+        for _ in range(8):
+            if t in inits or t in consts:
+                return t
+            n = producer_of.get(t)
+            if n is None or n.op_type not in _PASS_THROUGH or not n.input:
+                return None
+            t = n.input[0]
+        return None
+
+    shapes: dict[str, list] = {}
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+
+    nodes: list[OpNode] = []
+    tensor_node: dict[str, int] = {}
+    for inp in g.input:
+        if inp.name in inits:
+            continue
+        tensor_node[inp.name] = len(nodes)
+        nodes.append(OpNode(len(nodes), OP_INPUT, keeps_channels=False))
+    # the proto's nodes and the inferred copy's are the same nodes in the same order
+    for orig, n in zip(proto.graph.node, g.node):
+        if n.op_type == "Constant":
+            continue
+        op, layer, axis = OP_OTHER, node_layer.get(id(orig)), None
+        data_inputs = [t for t in n.input if t and t not in inits and t not in consts and t in tensor_node]
+        keeps = not (n.op_type in _RESHAPING or n.op_type.lower() in ("add", "split", "matmul"))
+        if n.op_type in _LAYER_OPS and len(n.input) > 1:
+            w = weight_name(n.input[1] if n.op_type != "MatMul" or n.input[1] not in tensor_node else "")
+            if w is not None and w in weight_to_layer:
+                op, keeps = OP_LAYER, True
+                layer = layer or weight_to_layer[w]
+                data_inputs = [n.input[0]] if n.input[0] in tensor_node else []
+        label = "" if id(orig) in bias_adds else _label(n, store, onnx)
+        if n.op_type == "Concat":
+            op, keeps = OP_CONCAT, False
+            axis = next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == "axis"), None)
+        elif n.op_type == "Add" and len(data_inputs) == 2:
+            op, keeps = OP_ADD, False
+        elif op == OP_OTHER and label in POOL_OPS:
+            op = OP_POOL
+        elif op == OP_OTHER and label == "flatten":
+            op = OP_FLATTEN
+        out = n.output[0] if n.output else ""
+        shp = shapes.get(out)
+        rank = len(shp) if shp else None
+        ch = shp[1] if shp and len(shp) >= 2 and shp[1] else None
+        if op == OP_CONCAT and axis is not None and axis < 0 and rank:
+            axis += rank
+        nid = len(nodes)
+        nodes.append(OpNode(nid, op, [tensor_node[t] for t in data_inputs], layer=layer, label=label,
+                            keeps_channels=keeps, channels=ch, rank=rank, axis=axis))
+        for o in n.output:
+            tensor_node[o] = nid
+    fill_channels(nodes, {layer.name: layer for layer in layers})
+    return nodes
 
 
 def _axes(node, store, onnx):

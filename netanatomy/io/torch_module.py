@@ -12,8 +12,26 @@ import operator
 import torch
 from torch import nn
 
-from ..model import LAYOUT_TRANSPOSED, DictStore, Edge, Graph, LayerKind, Model
+from ..model import (
+    LAYOUT_TRANSPOSED,
+    OP_ADD,
+    OP_CONCAT,
+    OP_FLATTEN,
+    OP_INPUT,
+    OP_LAYER,
+    OP_OTHER,
+    OP_OUTPUT,
+    OP_POOL,
+    POOL_OPS,
+    DictStore,
+    Graph,
+    LayerKind,
+    Model,
+    OpNode,
+    fill_channels,
+)
 from ._infer import Hint, build_layers
+from .trace import TraceError, propagate_shapes, trace
 
 _NORM_TYPES = (
     nn.modules.batchnorm._NormBase,
@@ -73,7 +91,7 @@ def load(module: nn.Module, *, name: str | None = None, trace: bool = True) -> M
     notes: list[str] = []
     graph = None
     if trace:
-        graph, why = trace_graph(module, {layer.name for layer in layers})
+        graph, why = trace_graph(module, layers)
         if graph is None:
             notes.append(f"no graph: torch.fx could not trace the model ({why})")
     return Model(
@@ -92,53 +110,99 @@ def load(module: nn.Module, *, name: str | None = None, trace: bool = True) -> M
 # graph from torch.fx
 
 
-def trace_graph(module: nn.Module, layer_names: set[str]) -> tuple[Graph | None, str]:
-    import torch.fx as fx
+def trace_graph(module: nn.Module, layers) -> tuple[Graph | None, str]:
+    """The data-flow graph of ``module`` from an fx trace that keeps ``layers``
+    (the model's layers, or their names) whole; ``(None, why)`` when it does not trace.
 
-    class _Tracer(fx.Tracer):
-        # keep layer modules as leaves so each appears as one call_module node
-        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-            return qualname in layer_names or super().is_leaf_module(m, qualname)
-
+    Channel counts come from fx shape propagation with a dummy input when the
+    graph joins paths (``concat`` / ``add``) and the network starts with a
+    convolution, and are otherwise inferred from the layers.
+    """
+    layer_list = [l for l in layers if not isinstance(l, str)]
+    names = {l if isinstance(l, str) else l.name for l in layers}
     try:
-        g = _Tracer().trace(module)
-    except Exception as exc:  # fx raises many kinds; a model that does not trace has no graph
-        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        g = trace(module, names)
+    except TraceError as exc:
+        return None, exc.reason
     modules = dict(module.named_modules())
-    layer_node = {}
+    ids: dict = {}
+    pending = []
     for node in g.nodes:
-        if node.op == "call_module" and node.target in layer_names:
-            layer_node[node] = node.target
-        elif node.op == "call_module" and f"{node.target}.in_proj" in layer_names:
-            layer_node[node] = f"{node.target}.in_proj"  # MultiheadAttention
+        ids[node] = len(ids)
+        pending.append(node)
+    joins = False
+    specs = []
+    for node in pending:
+        spec = _node_spec(node, ids, names, modules)
+        joins = joins or spec["op"] in (OP_CONCAT, OP_ADD)
+        specs.append((node, spec))
+    shapes_ok = False
+    if joins and layer_list:
+        first = next((l for l in layer_list if l.kind not in (LayerKind.NORM, LayerKind.OTHER)), None)
+        if first is not None:
+            shapes_ok = propagate_shapes(module, g, first.kind, first.in_features)
+    nodes: list[OpNode] = []
+    for node, spec in specs:
+        meta = node.meta.get("tensor_meta") if shapes_ok else None
+        channels = rank = None
+        if meta is not None and hasattr(meta, "shape"):
+            rank = len(meta.shape)
+            channels = int(meta.shape[1]) if rank >= 2 else None
+        axis = spec["axis"]
+        if spec["op"] == OP_CONCAT and axis is not None and rank is not None and axis < 0:
+            axis = axis + rank
+        nodes.append(
+            OpNode(
+                id=ids[node],
+                op=spec["op"],
+                inputs=spec["inputs"],
+                layer=spec["layer"],
+                label=_op_label(node, modules),
+                keeps_channels=spec["keeps"],
+                channels=channels,
+                rank=rank,
+                axis=axis,
+            )
+        )
+    fill_channels(nodes, {l.name: l for l in layer_list})
+    return Graph(source="torch.fx", nodes=nodes), ""
 
-    edges: dict[tuple[str, str], tuple[str, ...]] = {}
-    for node, dst in layer_node.items():
-        for src, via in _sources(node, layer_node, modules):
-            key = (src, dst)
-            if key not in edges or len(via) < len(edges[key]):
-                edges[key] = via
-    return Graph(edges=[Edge(s, d, v) for (s, d), v in edges.items()], source="torch.fx"), ""
 
-
-def _sources(node, layer_node, modules):
-    """Walk back from ``node``'s inputs to the nearest layer nodes, recording ops."""
-    out = []
-    stack = [(arg, ()) for arg in list(node.all_input_nodes)]
-    seen = set()
-    while stack:
-        cur, via = stack.pop()
-        if cur in layer_node:
-            out.append((layer_node[cur], tuple(reversed(via))))
-            continue
-        if (cur, via) in seen or len(via) > 64:
-            continue
-        seen.add((cur, via))
-        label = _op_label(cur, modules)
-        nxt = via + ((label,) if label else ())
-        for arg in cur.all_input_nodes:
-            stack.append((arg, nxt))
-    return out
+def _node_spec(node, ids, names, modules) -> dict:
+    """The kind, ordered inputs and layer of one fx node."""
+    ins = [ids[a] for a in list(node.all_input_nodes) if a in ids]
+    op, layer, axis, keeps = OP_OTHER, None, None, True
+    if node.op == "placeholder":
+        return {"op": OP_INPUT, "inputs": ins, "layer": None, "axis": None, "keeps": False}
+    if node.op == "output":
+        return {"op": OP_OUTPUT, "inputs": ins, "layer": None, "axis": None, "keeps": False}
+    if node.op == "call_module" and node.target in names:
+        return {"op": OP_LAYER, "inputs": ins, "layer": node.target, "axis": None, "keeps": True}
+    if node.op == "call_module" and f"{node.target}.in_proj" in names:
+        layer = f"{node.target}.in_proj"  # MultiheadAttention: its weights, not a plain layer
+    fname = getattr(node.target, "__name__", str(node.target))
+    if node.op in ("call_function", "call_method") and fname in ("cat", "concat", "concatenate"):
+        op = OP_CONCAT
+        axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", node.kwargs.get("axis", 0))
+        ins = [ids[a] for a in (node.args[0] if node.args else node.kwargs.get("tensors", [])) if a in ids]
+    elif (node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add)) or (
+        node.op == "call_method" and fname in ("add", "add_")
+    ):
+        tensor_ins = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
+        op = OP_ADD if len(tensor_ins) == 2 else OP_OTHER
+    elif fname in ("flatten", "view", "reshape", "linear", "matmul", "mm", "bmm", "split", "chunk"):
+        keeps = False
+    elif node.op == "call_module" and isinstance(modules.get(node.target), (nn.Flatten, nn.Linear)):
+        keeps = False
+    if fname == "getattr":
+        keeps = False  # x.shape and friends: not a channel path
+    if op == OP_OTHER:
+        label = _op_label(node, modules)
+        if label == "flatten":
+            op = OP_FLATTEN
+        elif label in POOL_OPS:
+            op = OP_POOL
+    return {"op": op, "inputs": ins, "layer": layer, "axis": axis, "keeps": keeps}
 
 
 _SPATIAL_ALL = ({2, 3}, {-1, -2}, {2, -1}, {-2, 3})

@@ -8,8 +8,11 @@ because of such an arbitrary order; aligning one to the other before averaging
 or interpolating removes that.
 
 **Which axes move together** is a :class:`PermutationSpec`. :func:`spec_from_module`
-derives it from a ``torch.fx`` trace of the module: every conv / linear output
-opens a *channel space*; norms, activations, dropout and pooling keep it;
+derives it from the package's ``torch.fx`` trace of the module
+(:func:`netanatomy.io.trace.trace`), building the *channel spaces* of
+:mod:`netanatomy.channels` with its :class:`~netanatomy.channels.ChannelUnion`
+at the finer grain alignment needs (tensor layouts, flattened blocks): every
+conv / linear output opens a channel space; norms, activations, dropout and pooling keep it;
 ``add`` / ``sub`` / ``mul`` of two tensors merge the spaces of their operands
 (so a residual stream is one space with one permutation, shared by every block
 that writes to it); a flatten from ``(N, C, H, W)`` into a linear layer moves
@@ -34,9 +37,12 @@ from typing import Mapping
 
 import numpy as np
 import torch
+import torch.fx as fx
 from torch import nn
 
+from ..channels import ChannelUnion
 from ..errors import UserError
+from ..io.trace import TraceError, trace
 
 
 @dataclass
@@ -79,44 +85,6 @@ class PermutationSpec:
 # spec from a module
 
 
-class _UF:
-    def __init__(self) -> None:
-        self.parent: list[int] = []
-        self.size: list[int | None] = []
-        self.fixed: list[bool] = []
-        self.label: list[str] = []
-
-    def new(self, size: int | None, label: str, fixed: bool = False) -> int:
-        self.parent.append(len(self.parent))
-        self.size.append(size)
-        self.fixed.append(fixed)
-        self.label.append(label)
-        return len(self.parent) - 1
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> int:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return ra
-        if ra > rb:
-            ra, rb = rb, ra
-        self.parent[rb] = ra
-        sa, sb = self.size[ra], self.size[rb]
-        if sa is not None and sb is not None and sa != sb:
-            self.fixed[ra] = True  # operands of different width: not a plain channel space
-        self.size[ra] = sa if sa is not None else sb
-        self.fixed[ra] = self.fixed[ra] or self.fixed[rb]
-        return ra
-
-    def fix(self, i: int) -> None:
-        self.fixed[self.find(i)] = True
-
-
 _POINTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
     nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus,
@@ -145,18 +113,16 @@ class _Val:
 
 def spec_from_module(module: nn.Module) -> PermutationSpec:
     """Derive the permutation spec of ``module`` from a ``torch.fx`` trace."""
-    import torch.fx as fx
-
     try:
-        graph = fx.symbolic_trace(module).graph
-    except Exception as exc:  # fx raises many kinds
+        graph = trace(module)
+    except TraceError as exc:
         raise UserError(
-            f"cannot trace {type(module).__name__} with torch.fx ({type(exc).__name__}); "
+            f"cannot trace {type(module).__name__} with torch.fx ({type(exc.exc).__name__}); "
             "build a PermutationSpec by hand for it"
         ) from None
     mods = dict(module.named_modules())
     params = {k: v for k, v in module.state_dict().items()}
-    uf = _UF()
+    uf = ChannelUnion()
     vals: dict[fx.Node, _Val | None] = {}
     bindings: list[tuple[int, str, int, str]] = []  # (sid, key, axis, kind: out/in/norm)
 
@@ -314,7 +280,7 @@ def spec_from_module(module: nn.Module) -> PermutationSpec:
     return PermutationSpec(sizes, axes, cost, sorted(fixed_desc))
 
 
-def _norm_ok(m: nn.Module, x: _Val, uf: _UF) -> bool:
+def _norm_ok(m: nn.Module, x: _Val, uf: ChannelUnion) -> bool:
     """Norm layers whose output stays equivariant when channels are permuted."""
     n = uf.size[uf.find(x.sid)]
     if isinstance(m, nn.modules.batchnorm._BatchNorm) or isinstance(m, nn.modules.instancenorm._InstanceNorm):
