@@ -201,7 +201,7 @@ def evaluate(model: nn.Module, x, y, batch: int = 1000) -> dict:
 
 def make_evaluator(template: nn.Module, x, y, bn_batches=None):
     """state dict -> {loss, acc}; with ``bn_batches`` batch norm is recalibrated first."""
-    from .bn import recalibrate_bn
+    from ..synthesis.bn import recalibrate_bn
 
     net = copy.deepcopy(template)
 
@@ -250,7 +250,7 @@ def run(config: str | Config = "full", log=None, seed: int = 0) -> dict:
 
 def _soups(cfg: Config, data: dict, say) -> dict:
     """Part 1: members fine-tuned from one start; uniform / greedy soups vs the best member."""
-    from .soup import greedy_soup, uniform_soup
+    from ..synthesis.soup import greedy_soup, uniform_soup
 
     xtr, ytr = data["train"]
     if cfg.split_pretrain:
@@ -331,8 +331,8 @@ def _spread(base: dict, members: list[dict]) -> dict:
 
 def _barriers(cfg: Config, data: dict, say) -> dict:
     """Part 2: interpolation barriers between two independently trained nets, before/after alignment."""
-    from .interpolate import interpolate
-    from .permute import align, spec_from_module
+    from ..synthesis.interpolate import interpolate
+    from ..synthesis.permute import align, spec_from_module
 
     xtr, ytr = data["train"]
     template = SmallCNN(cfg.widths)
@@ -547,7 +547,7 @@ def plot_curves(res: dict, ax=None):
 
     plt = _mpl()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    from .interpolate import plot_interpolation
+    from ..synthesis.interpolate import plot_interpolation
 
     curves = list(res["_curves"].values())
     plot_interpolation(curves, "loss", ax=axes[0], title="test loss along the path")
