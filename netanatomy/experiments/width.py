@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .._util import atomic_write_text, dumps
+from ._kit import fashion_subset
 
 
 @dataclass
@@ -120,19 +121,7 @@ FACTORY = {"mlp": make_mlp, "cnn": make_cnn}
 
 
 def load_data(train_n: int, eval_n: int, seed: int = 0):
-    from ..datasets import fashion_mnist, normalize_images
-
-    xtr, ytr = fashion_mnist("train")
-    xte, yte = fashion_mnist("test")
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(xtr), generator=g)[:train_n]
-    return (
-        normalize_images(xtr[idx]),
-        ytr[idx],
-        normalize_images(xte),
-        yte,
-        eval_n,
-    )
+    return (*fashion_subset(train_n, seed), eval_n)
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
