@@ -253,7 +253,7 @@ def test_cli_analyze_writes_banding_json(tmp_path):
 
 
 def test_scenes_are_deterministic_and_labelled():
-    from netanatomy.banding.scenes import CLASSES, make_scenes
+    from netanatomy.experiments.scenes import CLASSES, make_scenes
 
     a, la = make_scenes(8, 28, torch.Generator().manual_seed(5))
     b, lb = make_scenes(8, 28, torch.Generator().manual_seed(5))
@@ -265,7 +265,7 @@ def test_scenes_are_deterministic_and_labelled():
 
 
 def test_experiment_quick_smoke(tmp_path):
-    from netanatomy.banding.experiment import CONFIGS, SimplifiedNet, run_experiment
+    from netanatomy.experiments.banding import CONFIGS, SimplifiedNet, run_experiment
 
     net = SimplifiedNet((4, 4, 4, 4, 4, 4), (3,) * 6, "xpool", 56)
     assert net.final == 7 and net.fc.in_features == 4 * 7
@@ -308,7 +308,7 @@ def test_reduce_kernels_matches_dense_posneg_path():
 
 
 def test_topbottom_label_is_the_vertical_order_of_two_strata():
-    from netanatomy.banding.scenes import _BASE, TB_CLASSES, make_topbottom
+    from netanatomy.experiments.scenes import _BASE, TB_CLASSES, make_topbottom
 
     n, size = 64, 56
     x, y, lay = make_topbottom(n, size, torch.Generator().manual_seed(2), return_layout=True)
@@ -343,7 +343,7 @@ def test_topbottom_label_is_the_vertical_order_of_two_strata():
 
 
 def test_fashion_photos_on_a_canvas():
-    from netanatomy.banding.scenes import FASHION_CLASSES, make_fashion
+    from netanatomy.experiments.scenes import FASHION_CLASSES, make_fashion
     from netanatomy.datasets import fashion_mnist_available
 
     if not fashion_mnist_available():
@@ -359,7 +359,7 @@ def test_fashion_photos_on_a_canvas():
 def test_batches_rotate_and_flip():
     from dataclasses import replace
 
-    from netanatomy.banding.experiment import CONFIGS, make_batch
+    from netanatomy.experiments.banding import CONFIGS, make_batch
 
     cfg = replace(CONFIGS["quick"], data="topbottom", flip=False)
     up, yu = make_batch(cfg, 5, False, torch.Generator().manual_seed(3))
@@ -379,7 +379,7 @@ def test_batches_rotate_and_flip():
 def test_saved_weights_rescore_without_training(tmp_path):
     from dataclasses import replace
 
-    from netanatomy.banding.experiment import (
+    from netanatomy.experiments.banding import (
         CONFIGS,
         initial_weights,
         load_run,

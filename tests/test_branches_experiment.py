@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from netanatomy.branches import experiment as E
+from netanatomy.experiments import branches as E
 from netanatomy.errors import UserError
 
 

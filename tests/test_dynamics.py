@@ -477,7 +477,7 @@ def test_stages_locate_growth():
 def test_experiment_pipeline_tiny(tmp_path, monkeypatch):
     """The experiment end to end on a tiny config (pipeline only, not the effect)."""
     from netanatomy.datasets import fashion_mnist_available
-    from netanatomy.dynamics import experiment as E
+    from netanatomy.experiments import width as E
 
     if not fashion_mnist_available():
         pytest.skip("Fashion-MNIST not installed")

@@ -208,7 +208,7 @@ def test_recalibrate_bn_recomputes_statistics():
 
 
 def test_experiment_cnn_has_three_permutable_spaces():
-    from netanatomy.synthesis.experiment import SmallCNN
+    from netanatomy.experiments.soups import SmallCNN
 
     spec = spec_from_module(SmallCNN((4, 6, 8)))
     assert sorted(spec.sizes.values()) == [4, 6, 8]

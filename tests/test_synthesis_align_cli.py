@@ -143,7 +143,7 @@ def test_chain_matches_the_module_spec_for_a_plain_cnn():
 
 def test_python_api_infers_the_chain_or_uses_a_loaded_module():
     import netanatomy
-    from netanatomy.synthesis.experiment import SmallCNN
+    from netanatomy.experiments.soups import SmallCNN
 
     torch.manual_seed(0)
     net = SmallCNN((4, 6, 8))
@@ -288,7 +288,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_experiment_smoke_both_parts_and_markdown():
     pytest.importorskip("scipy")
     from netanatomy.datasets import fashion_mnist_dir
-    from netanatomy.synthesis.experiment import Config, Member, render_markdown, run
+    from netanatomy.experiments.soups import Config, Member, render_markdown, run
 
     if not (fashion_mnist_dir() / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST not installed")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from netanatomy.cli import main
-from netanatomy.synthesis import experiment as ex
+from netanatomy.experiments import soups as ex
 
 
 def run_cli(args, capsys):

@@ -1,11 +1,10 @@
 """Weight banding (Distill "Weight Banding"): NMF pictures of conv kernels, a
-banding score and banding types per layer, and the causal experiments.
+banding score and banding types per layer (the causal experiments: :mod:`netanatomy.experiments.banding`).
 
 - :mod:`netanatomy.banding.nmf`: batched posneg NMF of a whole layer.
 - :mod:`netanatomy.banding.core`: alignment, ordering, V_y / V_x scores, k-means types.
 - :mod:`netanatomy.banding.analysis`: the registered analysis ``banding``.
 - :mod:`netanatomy.banding.figures`: picture grids and type tables (matplotlib, lazy).
-- :mod:`netanatomy.banding.experiment`: the simplified network and its interventions.
 """
 
 from .core import (  # noqa: F401

@@ -34,7 +34,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
 
         import torch
 
-        from .experiment import CONFIGS, INTERVENTIONS, run_experiment
+        from ..experiments.banding import CONFIGS, INTERVENTIONS, run_experiment
 
         if config not in CONFIGS:
             raise UserError(f"unknown config {config!r} (choose from {', '.join(CONFIGS)})")
@@ -59,6 +59,6 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
                              command=_command(sys.argv[3:]))
         for f in res.findings:
             typer.echo(f"{f['intervention']}: {'reproduced' if f['reproduced'] else 'not reproduced'} - {f['evidence']}")
-        from .report import prefix_for
+        from ..experiments.banding_results import prefix_for
 
         typer.echo(f"wrote {out / (prefix_for(res.config.name) + '.md')}")

@@ -24,7 +24,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
 
         from rich.console import Console
 
-        from .experiment import CONFIGS, run
+        from ..experiments.branches import CONFIGS, run
 
         if config not in CONFIGS:
             raise UserError(f"unknown config {config!r} (choose {', '.join(CONFIGS)})")

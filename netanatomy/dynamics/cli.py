@@ -108,7 +108,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         fresh: bool = typer.Option(False, "--fresh", help="Retrain runs already complete in --out."),
     ) -> None:
         """Narrow vs wide layer on Fashion-MNIST: DS/IS curves, sign changes, planned vs original model."""
-        from .experiment import run_experiment
+        from ..experiments.width import run_experiment
 
         run_experiment(config, out, seeds=seeds, threads=threads, log=lambda s: typer.echo(s, err=True),
                        reuse=not fresh)

@@ -266,7 +266,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
     ) -> None:
         """Fashion-MNIST: greedy and uniform soups vs the best member; interpolation barriers before/after alignment, with and without BN recalibration."""
         from .._util import atomic_write_text, dumps
-        from . import experiment as ex
+        from ..experiments import soups as ex
 
         if config not in ex.CONFIGS:
             raise UserError(f"--config is one of {', '.join(ex.CONFIGS)}, got {config!r}")

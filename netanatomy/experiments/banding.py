@@ -18,7 +18,7 @@ Interventions (one training run each, same seed and data stream):
   constant along x) rather than learned from the data.
 
 Data (``ExperimentConfig.data``): procedurally generated scenes
-(:mod:`netanatomy.banding.scenes`): ``scenes`` (three strata, the class is their
+(:mod:`netanatomy.experiments.scenes`): ``scenes`` (three strata, the class is their
 vertical order, readable locally at a stratum boundary) or ``topbottom`` (the
 class is which of two materials lies above the other, with a tall band of
 label-free clutter between them, so the relation spans most of the image).
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import (
+from ..banding.core import (
     LayerBanding,
     align_colours,
     analyse_weight,
@@ -49,6 +49,7 @@ from .core import (
     kmeans,
     type_features,
 )
+from .banding_results import MAIN_CONFIG, write_results
 from .scenes import DATASETS
 
 CLASSES_N = 10
@@ -76,7 +77,6 @@ class ExperimentConfig:
     flip: bool = False  # random horizontal flips while training (as ImageNet training does)
 
 
-MAIN_CONFIG = "fashion"  # the config whose results are results/banding.md
 
 CONFIGS = {
     # the reported runs: upright photos of objects (Fashion-MNIST items on a 56x56 canvas,
@@ -466,8 +466,6 @@ def run_experiment(
     res = analyse_runs(cfg, runs)
     res.weights_dir = str(wdir)
     if write:
-        from .report import write_results
-
         write_results(res, out, command)
     return res
 

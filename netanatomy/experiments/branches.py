@@ -266,10 +266,10 @@ def train(net: TowerNet, task: CropTask, cfg: Config, seed: int, on_step: Callab
 def measure(net: TowerNet, colour_threshold: float = 1 / 3) -> dict:
     """Read the trained weights with the ``branches`` analysis."""
     from .. import load
-    from .analysis import BranchesOptions, compute
-    from .descriptors import rgb_categories, rgb_descriptors
-    from .specialization import category_tests, continuous_tests
-    from .svd import separation_auc
+    from ..branches.analysis import BranchesOptions, compute
+    from ..branches.descriptors import rgb_categories, rgb_descriptors
+    from ..branches.specialization import category_tests, continuous_tests
+    from ..branches.svd import separation_auc
 
     model = load(net, name="towernet")
     res = compute(model, BranchesOptions(colour_threshold=colour_threshold))
@@ -427,8 +427,8 @@ def draw(trained: dict, runs: list[dict], out_dir: Path) -> dict[str, str]:
     except ImportError:
         return {}
     from .. import load
-    from .analysis import compute
-    from .plots import plot_branch_filters, plot_svd_map
+    from ..branches.analysis import compute
+    from ..branches.plots import plot_branch_filters, plot_svd_map
 
     pics: dict[str, str] = {}
     seeds = sorted({s for s, _ in trained})
@@ -439,7 +439,7 @@ def draw(trained: dict, runs: list[dict], out_dir: Path) -> dict[str, str]:
             w = net.conv1.weight.detach().numpy()
             c = w.shape[0]
             half = np.array([0] * (c // 2) + [1] * (c - c // 2))
-            from .descriptors import rgb_descriptors
+            from ..branches.descriptors import rgb_descriptors
 
             d = rgb_descriptors(net.conv1.weight.detach())
             plot_branch_filters(w, half, ["tower 0", "tower 1"] if arch == "branched" else ["ch 0-15", "ch 16-31"],

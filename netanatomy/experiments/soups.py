@@ -26,26 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-class SmallCNN(nn.Module):
-    """conv-bn-relu-pool x2, conv-bn-relu, global average pool, linear."""
-
-    def __init__(self, widths=(16, 32, 32), classes: int = 10):
-        super().__init__()
-        c1, c2, c3 = widths
-        self.conv1 = nn.Conv2d(1, c1, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c1)
-        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c2)
-        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(c3)
-        self.fc = nn.Linear(c3, classes)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)
-        x = F.relu(self.bn3(self.conv3(x)))
-        return self.fc(x.mean((2, 3)))
+from ._kit import SmallCNN  # noqa: F401  (the model of this study; also imported from here)
 
 
 @dataclass
@@ -201,7 +182,7 @@ def evaluate(model: nn.Module, x, y, batch: int = 1000) -> dict:
 
 def make_evaluator(template: nn.Module, x, y, bn_batches=None):
     """state dict -> {loss, acc}; with ``bn_batches`` batch norm is recalibrated first."""
-    from .bn import recalibrate_bn
+    from ..synthesis.bn import recalibrate_bn
 
     net = copy.deepcopy(template)
 
@@ -250,7 +231,7 @@ def run(config: str | Config = "full", log=None, seed: int = 0) -> dict:
 
 def _soups(cfg: Config, data: dict, say) -> dict:
     """Part 1: members fine-tuned from one start; uniform / greedy soups vs the best member."""
-    from .soup import greedy_soup, uniform_soup
+    from ..synthesis.soup import greedy_soup, uniform_soup
 
     xtr, ytr = data["train"]
     if cfg.split_pretrain:
@@ -331,8 +312,8 @@ def _spread(base: dict, members: list[dict]) -> dict:
 
 def _barriers(cfg: Config, data: dict, say) -> dict:
     """Part 2: interpolation barriers between two independently trained nets, before/after alignment."""
-    from .interpolate import interpolate
-    from .permute import align, spec_from_module
+    from ..synthesis.interpolate import interpolate
+    from ..synthesis.permute import align, spec_from_module
 
     xtr, ytr = data["train"]
     template = SmallCNN(cfg.widths)
@@ -547,7 +528,7 @@ def plot_curves(res: dict, ax=None):
 
     plt = _mpl()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    from .interpolate import plot_interpolation
+    from ..synthesis.interpolate import plot_interpolation
 
     curves = list(res["_curves"].values())
     plot_interpolation(curves, "loss", ax=axes[0], title="test loss along the path")

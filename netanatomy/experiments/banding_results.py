@@ -10,6 +10,8 @@ import numpy as np
 
 from .._util import atomic_write_text
 
+MAIN_CONFIG = "fashion"  # the config whose results are results/banding.md
+
 ARTICLE = {
     "baseline": "horizontal bands in 5b (article: 100% of 5b in its horizontal-bands type)",
     "rotate": "vertical bands in 5b (article: 100% vertical type)",
@@ -28,8 +30,6 @@ def _f(v, nd=2) -> str:
 
 def prefix_for(config_name: str) -> str:
     """File prefix: ``banding`` for the main config, ``banding_<config>`` otherwise."""
-    from .experiment import MAIN_CONFIG
-
     return "banding" if config_name == MAIN_CONFIG else f"banding_{config_name}"
 
 
@@ -44,7 +44,7 @@ def figures(res, out: Path, prefix: str = "banding") -> dict[str, str]:
         return {}
     import torch
 
-    from .figures import centre_pictures, picture_grid, tile
+    from ..banding.figures import centre_pictures, picture_grid, tile
     from .scenes import DATASETS
 
     files = {}
@@ -123,7 +123,7 @@ def markdown(res, files: dict[str, str], command: str) -> str:
         f"one-cycle learning rate up to {cfg.lr}, {cfg.steps} steps of {cfg.batch} "
         f"{'augmented Fashion-MNIST training photos' if cfg.data == 'fashion' else 'freshly generated images'} "
         f"({cfg.steps * cfg.batch} images{', random horizontal flips' if cfg.flip else ''}), seed {cfg.seed}; "
-        f"every run sees the same image stream. Data: `{cfg.data}` (`netanatomy/banding/scenes.py`). "
+        f"every run sees the same image stream. Data: `{cfg.data}` (`netanatomy/experiments/scenes.py`). "
         f"Trained weights: `{res.weights_dir or 'not saved'}` (the tables can be recomputed from them with `--rescore`).\n"
     )
     L.append("## Runs\n")
@@ -219,7 +219,7 @@ def demo_section(out: Path, prefix: str) -> list[str]:
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
-        from .figures import picture_grid
+        from ..banding.figures import picture_grid
 
         layers = result.extras.get("layers", {})
         top = result.extras.get("ranked", [None])[0]

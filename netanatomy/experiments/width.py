@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .._util import atomic_write_text, dumps
+from ._kit import fashion_subset
 
 
 @dataclass
@@ -120,19 +121,7 @@ FACTORY = {"mlp": make_mlp, "cnn": make_cnn}
 
 
 def load_data(train_n: int, eval_n: int, seed: int = 0):
-    from ..datasets import fashion_mnist, normalize_images
-
-    xtr, ytr = fashion_mnist("train")
-    xte, yte = fashion_mnist("test")
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(xtr), generator=g)[:train_n]
-    return (
-        normalize_images(xtr[idx]),
-        ytr[idx],
-        normalize_images(xte),
-        yte,
-        eval_n,
-    )
+    return (*fashion_subset(train_n, seed), eval_n)
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
@@ -183,9 +172,9 @@ def run_experiment(config: str, out: Path, seeds: int | None = None, threads: in
     """Run (or finish) the experiment; runs already complete in ``out`` are reused
     when ``reuse`` (their curves and test accuracy are read back)."""
     from ..errors import UserError
-    from .rule import RuleOptions
-    from .tracker import WidthTracker
-    from .width import analyze_record
+    from ..dynamics.rule import RuleOptions
+    from ..dynamics.tracker import WidthTracker
+    from ..dynamics.width import analyze_record
 
     if config not in CONFIGS:
         raise UserError(f"--config is one of {', '.join(CONFIGS)}")
@@ -209,7 +198,7 @@ def run_experiment(config: str, out: Path, seeds: int | None = None, threads: in
             run_dir = out / f"{net.arch}_{label}"
             done = run_dir / "result.json"
             if reuse and done.exists() and (run_dir / "width_curves.parquet").exists():
-                from .record import WidthRecord
+                from ..dynamics.record import WidthRecord
 
                 rec = WidthRecord.load(run_dir)
                 prev = json.loads(done.read_text())
@@ -260,7 +249,7 @@ def run_experiment(config: str, out: Path, seeds: int | None = None, threads: in
 
 def _save_figures(out: Path, arch: str, runs: dict) -> None:
     from ..plots import _mpl
-    from .report import plot_sign_changes, plot_variance_curves
+    from ..dynamics.report import plot_sign_changes, plot_variance_curves
 
     plt = _mpl()
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
@@ -277,11 +266,11 @@ def _save_figures(out: Path, arch: str, runs: dict) -> None:
 
 
 def _compare_plan(net: NetConfig, cfg: ExperimentConfig, data, narrow_run, out: Path, log) -> dict:
-    from .plan import make_plan
-    from .rebuild import apply_plan, count_flops, count_params
+    from ..dynamics.plan import make_plan
+    from ..dynamics.rebuild import apply_plan, count_flops, count_params
 
-    from .rule import RuleOptions
-    from .width import analyze_record
+    from ..dynamics.rule import RuleOptions
+    from ..dynamics.width import analyze_record
 
     _, rec, analysis = narrow_run
     tau = cfg.plan_tau if cfg.plan_tau is not None else cfg.tau
