@@ -154,3 +154,76 @@ def test_every_family_is_mostly_right_at_8_points(family):
     rows = _score([c for c in held_out_half() if c["n"] == 8 and c["family"] == family and c["noise"] <= 0.02])
     acc = np.mean([labels[1.0] == c["expected"] for c, labels in rows])
     assert acc >= 0.8, (family, acc)
+
+
+def test_defaults_are_the_calibration_halfs_choice():
+    """The default constants and the confidence table are what calibrate() picks on the
+    calibration half alone; the confidence of each cell holds on the held-out half."""
+    from netanatomy.dynamics.rule import CONFIDENCE, RuleOptions, calibrate, curve_features, _cell, decide
+
+    o, table, _ = calibrate([(c["x"], c["curves"][1.0], c["expected"]) for c in calibration_half()])
+    d = RuleOptions()
+    assert (o.tau, o.floor, o.k_sigma) == (d.tau, d.floor, d.k_sigma)
+    assert table == CONFIDENCE
+    cells: dict = {}
+    for c in held_out_half():
+        f = curve_features(c["x"], c["curves"][1.0])
+        label = decide(f, d)[0]
+        cells.setdefault(_cell(label, f), []).append(label == c["expected"])
+    for cell, right in cells.items():
+        if len(right) >= 20 and cell in CONFIDENCE:
+            assert abs(np.mean(right) - CONFIDENCE[cell]) <= 0.1, (cell, np.mean(right), CONFIDENCE[cell])
+
+
+# --------------------------------------------------------------------------- real checkpoints
+def _train_mlp_with_checkpoints(folder, epochs=10):
+    """A 3-layer MLP with a 4-wide middle layer, trained on a fixed regression task; the live
+    tracker records it while every epoch's weights are saved to ``folder``."""
+    import torch
+    from torch import nn
+
+    from netanatomy.dynamics import WidthTracker
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4), nn.ReLU(), nn.Linear(4, 16), nn.ReLU(),
+                          nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(0)
+    xs = torch.randn(256, 12, generator=g)
+    ys = torch.sin(xs[:, :3] * 2) + xs[:, 3:6] ** 2
+    tracker = WidthTracker(model, similarity_epochs=())
+    folder.mkdir()
+    torch.save(model.state_dict(), folder / "epoch_000.pt")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    for epoch in range(1, epochs + 1):
+        for i in range(0, 256, 32):
+            loss = (model(xs[i:i + 32]) - ys[i:i + 32]).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        tracker.epoch_end()
+        torch.save(model.state_dict(), folder / f"epoch_{epoch:03d}.pt")
+    return model, tracker
+
+
+def test_posthoc_verdicts_equal_live_and_ignore_weight_scale(tmp_path):
+    import torch
+
+    from netanatomy.dynamics import curves_from_checkpoints
+    from netanatomy.dynamics.width import analyze_record
+
+    _, tracker = _train_mlp_with_checkpoints(tmp_path / "run")
+    live = analyze_record(tracker.record())
+    post = analyze_record(curves_from_checkpoints(tmp_path / "run", similarity_epochs=()))
+    assert len(live.verdicts()) >= 3
+    assert post.verdicts() == live.verdicts()
+    print("\nlive verdicts:", live.verdicts())
+    for s in (0.1, 10.0):
+        scaled = tmp_path / f"scaled_{s}"
+        scaled.mkdir()
+        for p in sorted((tmp_path / "run").iterdir()):
+            sd = torch.load(p, weights_only=True)
+            torch.save({k: v * s for k, v in sd.items()}, scaled / p.name)
+        rec = curves_from_checkpoints(scaled, similarity_epochs=())
+        a = analyze_record(rec)
+        assert a.verdicts() == live.verdicts(), s
+        assert [r["confidence"] for r in a.layers] == [r["confidence"] for r in live.layers]
