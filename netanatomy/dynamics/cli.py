@@ -28,7 +28,7 @@ def load_run(run: str, key: str | None = None):
     return curves_from_checkpoints(p, key=key)
 
 
-def analyse_run(run: str, out: Path, *, tau=0.3, floor=0.02, window=5, axis=None, grow=2.0, target=1.0,
+def analyse_run(run: str, out: Path, *, tau=0.2, floor=0.1, window=5, axis=None, grow=2.0, target=1.0,
                 min_scale=0.25, multiple=1, key=None, report=True) -> tuple:
     from .._util import atomic_write, atomic_write_text, dumps
     from .plan import make_plan
@@ -66,9 +66,9 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
     def width(
         run: str = typer.Argument(..., help="A run folder written by the width tracker, or a folder of per-epoch checkpoints."),
         out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: ./netanatomy-width-<run>)."),
-        tau: float = typer.Option(0.3, "--tau", help="Relative drop from the peak that separates DS from IS."),
-        floor: float = typer.Option(0.02, "--floor", help="Curves moving by no more than this are undecided."),
-        window: int = typer.Option(5, "--window", help="Moving-average window (points)."),
+        tau: float = typer.Option(0.2, "--tau", help="Drop from the peak, as a share of the peak, that separates DS from IS."),
+        floor: float = typer.Option(0.1, "--floor", help="Smallest rise, as a share of the curve's top, for an IS or DS verdict."),
+        window: int = typer.Option(5, "--window", help="Moving-average window of the training stages (points)."),
         axis: Optional[str] = typer.Option(None, "--axis", help="epoch or step (default: epoch when >= 5 epochs)."),
         grow: float = typer.Option(2.0, "--grow", help="Width factor for DS bottlenecks."),
         target: float = typer.Option(1.0, "--target", help="FLOPs of the plan relative to now."),

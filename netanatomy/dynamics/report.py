@@ -137,10 +137,12 @@ def blocks(record: WidthRecord, analysis: WidthAnalysis, plan: dict | None = Non
     o = analysis.options
     out.append(
         Paragraph(
-            f"Rule (tau={o['tau']}, window={o['window']}, floor={o['floor']}, k={o['k_sigma']}): DS when the "
-            "smoothed curve peaks in the first two thirds, rises and then falls below (1-tau) of its peak by more "
-            "than k noise sigmas; IS when it ends within tau of its peak, (1+tau) above its start and k sigmas "
-            "above it; undecided otherwise or when it moves by no more than the floor."
+            f"Rule (tau={o['tau']}, floor={o['floor']}, k={o['k_sigma']}; the curve divided by its own top, so "
+            "the verdicts do not depend on the weights' scale): a rise-plateau (isotonic) and a rise-peak-fall "
+            "(unimodal) model are fitted, the noise is the unimodal fit's residual. DS when the fit rises by at "
+            "least floor of its top and k standard errors, then falls by at least tau of its peak and k standard "
+            "errors, and the fall model wins by a likelihood ratio of k^2; IS when it ends at least floor and k "
+            "standard errors above its start and less than tau below its peak; undecided otherwise."
         )
     )
     cols = ["layer", "channels", "verdict", "confidence", "bottleneck", "ds_neighbour_of", "v0", "peak", "t_peak",
