@@ -165,7 +165,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         zoo: Path = typer.Argument(..., help="A zoo folder (ours, or the Small CNN Zoo's weights.npy + metrics.csv)."),
         target: str = typer.Option("test_acc", "--target", help="Metrics column to predict."),
         epochs: str = typer.Option("final", "--epochs", help="Rows: final, trained, all, or epochs like 1,2,3; comma-joined selections with '+', e.g. final+all."),
-        predictors: str = typer.Option("linear,gbm,mlp", "--predictors"),
+        predictors: str = typer.Option("linear,gbm,mlp", "--predictors", help="Comma-separated: linear, gbm, mlp, gbm-cv (on the features), deepsets (a permutation-invariant network learning from the weights)."),
         splits: int = typer.Option(3, "--splits", help="Random splits by training run."),
         test_fraction: float = typer.Option(0.2, "--test-fraction", help="Fraction of runs held out per split."),
         seed: int = typer.Option(0, "--seed"),
@@ -179,12 +179,12 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         """Predict accuracy from weight statistics; R^2 and Kendall's tau on held-out runs."""
         from .._util import atomic_write, atomic_write_text, dumps
         from ..parallel import get_executor
-        from .predict import PREDICTORS, predict_zoo, prediction_plot
+        from .predict import ALL_PREDICTORS, predict_zoo, prediction_plot
 
         preds = _csv(predictors, "--predictors")
         for p in preds:
-            if p not in PREDICTORS:
-                raise UserError(f"unknown predictor {p!r}; choose from {', '.join(PREDICTORS)}")
+            if p not in ALL_PREDICTORS:
+                raise UserError(f"unknown predictor {p!r}; choose from {', '.join(ALL_PREDICTORS)}")
         from .predict import FEATURE_SETS
 
         if features not in FEATURE_SETS:
@@ -220,10 +220,11 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
                     atomic_write(out_dir / f"scatter_{sel}_{name}.png", lambda p, f=fig: f.savefig(p, dpi=110, bbox_inches="tight", format="png"))
         except ImportError:
             pass
-        lines = [f"{r['selection']:>8} {r['predictor']:>6}: "
+        lines = [f"{r['selection']:>8} {r['predictor']:>8}: "
                  + (f"{r['train_runs']:.0f} training runs, " if "train_size" in r else "")
                  + f"R2 {r['r2_mean']:.4f} (sd {r['r2_std']:.4f}), "
                  f"tau {r['tau_mean']:.4f} (sd {r['tau_std']:.4f}) over {r['splits']} splits, {r['test_runs']:.0f} held-out runs"
+                 + (f", fit {r['fit_s']:.2f} s" if "fit_s" in r else "")
                  for r in summ.to_dict("records")]
         for sel, c in rep.info.get("noise_ceiling", {}).items():
             lines.append(f"{sel:>8} noise ceiling (test accuracy on {c['n_eval']} images, binomial sd {c['noise_sd']:.4f}): "

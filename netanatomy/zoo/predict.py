@@ -13,7 +13,13 @@ the ``ml`` extra, imported lazily):
 * ``gbm-cv``: histogram gradient boosting whose hyper-parameters (rounds,
   learning rate, tree size, leaf size, L2) are chosen by an inner 3-fold
   cross-validation grouped by run, on the training runs of the split only
-  (the held-out runs never take part in the choice).
+  (the held-out runs never take part in the choice);
+* ``deepsets`` (:mod:`netanatomy.zoo.learned`, torch): a permutation-invariant
+  network over each hidden layer's units, learning from the raw weights rather
+  than the feature table; fitted on the same training runs and scored on the
+  same held-out runs as the others (its rows are the rows with finite features).
+
+Every score records the predictor's fitting time (``fit_s``, seconds on this CPU).
 
 Feature sets: ``stats`` (per tensor mean, std, 0/25/50/75/100th percentiles,
 L1 and L2 norm) or ``unterthiner`` (their exact set: the same without the two
@@ -38,6 +44,8 @@ import numpy as np
 from ..errors import UserError
 
 PREDICTORS = ("linear", "gbm", "mlp", "gbm-cv")
+LEARNED_PREDICTORS = ("deepsets",)
+ALL_PREDICTORS = PREDICTORS + LEARNED_PREDICTORS
 FEATURE_SETS = ("stats", "unterthiner")
 UNTERTHINER_STATS = ("mean", "std", "q0", "q25", "q50", "q75", "q100")
 
@@ -75,7 +83,13 @@ class ClippedRegressor:
         return r2_score(y, self.predict(X))
 
 
-def make_predictor(name: str, seed: int = 0):
+def make_predictor(name: str, seed: int = 0, layout=None):
+    if name in LEARNED_PREDICTORS:
+        if layout is None:
+            raise UserError(f"predictor {name} learns from the weights and needs the zoo's layout")
+        from .learned import make_learned
+
+        return make_learned(name, layout, seed)
     _sklearn()
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import FunctionTransformer, StandardScaler
@@ -101,7 +115,7 @@ def make_predictor(name: str, seed: int = 0):
         ))
     if name == "gbm-cv":
         return GroupTunedGBM(seed=seed)
-    raise UserError(f"unknown predictor {name!r}; choose from {', '.join(PREDICTORS)}")
+    raise UserError(f"unknown predictor {name!r}; choose from {', '.join(ALL_PREDICTORS)}")
 
 
 # the inner-CV search space of ``gbm-cv`` (a fixed random subset of this grid)
@@ -248,6 +262,7 @@ class PredictionReport:
         agg = df.groupby(keys).agg(
             r2_mean=("r2", "mean"), r2_std=("r2", "std"), tau_mean=("tau", "mean"), tau_std=("tau", "std"),
             splits=("split", "count"), test_runs=("test_runs", "mean"), train_runs=("train_runs", "mean"),
+            **({"fit_s": ("fit_s", "mean")} if "fit_s" in df.columns else {}),
         ).reset_index()
         return agg
 
@@ -290,8 +305,14 @@ def fit_and_score(
     importance: bool = True,
     importance_repeats: int = 3,
     train_sizes: Sequence[float] = (1.0,),
+    weights: np.ndarray | None = None,
+    layout=None,
 ) -> PredictionReport:
     """Fit every predictor on ``splits`` random run-level splits; score held-out runs.
+
+    ``weights`` (flat weight rows aligned with ``X``) and ``layout`` feed the
+    learned predictors (``deepsets``); they see the same rows, training runs and
+    held-out runs as the feature-based ones.
 
     ``train_sizes`` (fractions in (0, 1]) gives a learning curve: in each split
     the predictors are also fitted on that fraction of the training runs (nested
@@ -302,7 +323,19 @@ def fit_and_score(
     _sklearn()
     if not isinstance(X, pd.DataFrame):
         X = pd.DataFrame(np.asarray(X))
+    if len(X) != len(y):
+        raise UserError(f"{len(X)} feature rows but {len(y)} targets")
+    if weights is not None:
+        weights = np.asarray(weights)
+        if weights.ndim != 2 or len(weights) != len(y):
+            raise UserError(f"weights of shape {tuple(weights.shape)} do not match {len(y)} rows")
+    elif any(p in LEARNED_PREDICTORS for p in predictors):
+        raise UserError(f"predictors {', '.join(p for p in predictors if p in LEARNED_PREDICTORS)} learn from the "
+                        "weights: pass weights= and layout=")
     ok = np.isfinite(X.to_numpy()).all(1) & np.isfinite(y)
+    if weights is not None:
+        ok &= np.isfinite(weights).all(1)
+        weights = weights[ok]
     X, y = X[ok].reset_index(drop=True), np.asarray(y)[ok]
     runs = np.asarray([str(r) for r in np.asarray(runs)[ok]])
     meta = meta[ok].reset_index(drop=True) if meta is not None else pd.DataFrame(index=range(len(y)))
@@ -313,7 +346,7 @@ def fit_and_score(
     sizes = check_train_sizes(train_sizes)
     with threadpool_limits(limits=1):  # small problems: threads only add contention
         return _fit_and_score(X, y, runs, meta, predictors, splits, test_fraction, seed, selection, importance,
-                              importance_repeats, sizes)
+                              importance_repeats, sizes, weights, layout)
 
 
 def check_train_sizes(train_sizes: Sequence[float]) -> tuple[float, ...]:
@@ -350,7 +383,9 @@ def importance_of(predictors: Sequence[str]) -> str | None:
 
 
 def _fit_and_score(X, y, runs, meta, predictors, splits, test_fraction, seed, selection, importance, importance_repeats,
-                   sizes=(1.0,)):
+                   sizes=(1.0,), weights=None, layout=None):
+    import time
+
     import pandas as pd
     from sklearn.metrics import r2_score
 
@@ -362,9 +397,13 @@ def _fit_and_score(X, y, runs, meta, predictors, splits, test_fraction, seed, se
         assert not (set(runs[tr]) & set(runs[te]))
         last = size == sizes[-1]
         for name in predictors:
-            model = make_predictor(name, seed + s)
+            model = make_predictor(name, seed + s, layout=layout)
+            learned = getattr(model, "needs_weights", False)
+            t0 = time.perf_counter()
             try:
-                if getattr(model, "needs_groups", False):
+                if learned:
+                    model.fit(weights[tr], y[tr], groups=runs[tr])
+                elif getattr(model, "needs_groups", False):
                     model.fit(X[tr].to_numpy(), y[tr], groups=runs[tr])
                 else:
                     model.fit(X[tr].to_numpy(), y[tr])
@@ -372,12 +411,14 @@ def _fit_and_score(X, y, runs, meta, predictors, splits, test_fraction, seed, se
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise UserError(f"predictor {name} could not be fitted on {int(tr.sum())} training rows "
                                 f"({len(set(runs[tr]))} runs{f', train size {size}' if curve else ''}): {first}") from None
-            p = model.predict(X[te].to_numpy())
+            fit_s = time.perf_counter() - t0
+            p = model.predict(weights[te] if learned else X[te].to_numpy())
             scores.append({
                 "selection": selection, "split": s, "predictor": name,
                 "r2": float(r2_score(y[te], p)), "tau": kendall_tau(y[te], p),
                 "train_rows": int(tr.sum()), "test_rows": int(te.sum()),
-                "train_runs": int(len(set(runs[tr]))), "test_runs": int(len(set(runs[te]))),
+                "train_runs": int(len(set(runs[tr]))), "test_runs": int(len(set(runs[te]))), "fit_s": float(fit_s),
+                **({"best_epoch": model.best_epoch_, "val_runs": len(model.val_runs_)} if learned else {}),
                 **({"train_size": size} if curve else {}),
                 **({"params": dict(model.best_params_)} if hasattr(model, "best_params_") else {}),
             })
@@ -523,6 +564,9 @@ def predict_zoo(
     cache_dir = (Path(path) / "features") if cache and zoo.kind == "netanatomy" else None
     feats = zoo_features(zoo, rows, cache_dir=cache_dir, executor=executor, esd=esd, progress=progress)
     feats = select_features(feats, feature_set)
+    learned = [p for p in predictors if p in LEARNED_PREDICTORS]
+    weights = zoo.flat(rows) if learned else None
+    pos = {int(r): i for i, r in enumerate(rows)}
     n_eval = eval_test_size(zoo)
     reports, ceilings = [], {}
     meta_cols = [c for c in ("run", "epoch") if c in df.columns]
@@ -531,7 +575,9 @@ def predict_zoo(
         X = feats.loc[r].reset_index(drop=True)
         y = pd.to_numeric(df[target].iloc[r], errors="coerce").to_numpy(dtype=float)
         reports.append(fit_and_score(X, y, df["run"].iloc[r].to_numpy(), df[meta_cols].iloc[r].reset_index(drop=True),
-                                     predictors, splits, test_fraction, seed, selection=sel, train_sizes=train_sizes))
+                                     predictors, splits, test_fraction, seed, selection=sel, train_sizes=train_sizes,
+                                     weights=weights[[pos[int(i)] for i in r]] if learned else None,
+                                     layout=zoo.layout if learned else None))
         if n_eval:
             ceilings[sel] = noise_ceiling(y, n_eval)
     scores = [s for rep in reports for s in rep.scores]
