@@ -209,7 +209,7 @@ def _partial(batch: torch.Tensor, options: SpectralOptions, precision: str, devi
         seen.append(fit.xmin if inside else math.nan)
         return same
 
-    return partial_spectrum_of(batch, accept, precision, device, start=1.0 / 16)
+    return partial_spectrum_of(batch, accept, precision, device, start=1.0 / 64)
 
 
 def _slice_labels(kernel: tuple[int, ...]) -> list[str]:
