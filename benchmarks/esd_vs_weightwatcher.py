@@ -18,6 +18,17 @@ matrix + eigvalsh alone, at the precision and thread count our run used.
   python benchmarks/esd_vs_weightwatcher.py                 # all cases
   python benchmarks/esd_vs_weightwatcher.py --quick         # smaller (b), 2 llama blocks
   python benchmarks/esd_vs_weightwatcher.py --cases linear,linear-full --full-matrices 2
+  python benchmarks/esd_vs_weightwatcher.py --cases whole       # whole processes, exact and partial
+
+"whole" times complete processes (interpreter start, imports, load, spectra,
+fits, JSON/Parquet and report of ``netanatomy analyze --only esd``; exact and
+``--set esd.spectrum=partial``) against WeightWatcher's whole process and the
+dense floor (a process that imports torch, reads the file and does Gram +
+eigvalsh of every matrix), on MiniLM, two 4096x4096 layers and a 24-layer model
+(12 of 1024x1024, 12 of 1024x4096). The generated matrices are a Gaussian bulk
+plus 40 rank-one spikes of Pareto strength (a heavy tail of a few dozen
+eigenvalues, as trained layers have). Per-layer alpha differences partial vs
+exact are printed, and a time split from an in-process run.
 
 The machine may be shared: the numbers are wall-clock times of one run.
 """
@@ -27,6 +38,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import math
 import os
 import resource
 import site
@@ -107,6 +119,140 @@ def child_peer(path: str, full: bool, threads: int) -> dict:
     secs = time.perf_counter() - t0
     return {"seconds": secs, "peak_rss_mb": rss_mb(), "n_layers": int(len(details)), "threads": threads,
             "alpha": {str(n): float(a) for n, a in zip(details["name"], details["alpha"])}}
+
+
+FLOOR_SCRIPT = """
+import sys, time, torch
+from safetensors import safe_open
+torch.set_num_threads(1)
+n = 0
+with safe_open(sys.argv[1], "pt") as f:
+    for k in f.keys():
+        w = f.get_tensor(k)
+        if w.dim() != 2 or min(w.shape) < 2:
+            continue
+        w = w.to(torch.float32)
+        g = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+        torch.linalg.eigvalsh(g)
+        n += 1
+print(n)
+"""
+
+PEER_SCRIPT = """
+import sys, logging
+import weightwatcher as ww
+from safetensors.torch import load_file
+logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+d = ww.WeightWatcher(model=load_file(sys.argv[1])).analyze()
+d[["name", "alpha"]].to_json(sys.argv[2])
+"""
+
+
+def timed(cmd: list[str], timeout: float) -> tuple[float, str | None]:
+    t = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return math.inf, f"timed out after {timeout:.0f} s"
+    dt = time.perf_counter() - t
+    return dt, None if p.returncode == 0 else (p.stderr.strip().splitlines() or ["failed"])[-1]
+
+
+def child_split(path: str, spectrum: str, out: str) -> dict:
+    t0 = time.perf_counter()
+    import netanatomy
+    from netanatomy.report import write_report
+    from netanatomy.spectral.analysis import SpectralAnalysis, SpectralOptions
+
+    t1 = time.perf_counter()
+    m = netanatomy.load(path)
+    t2 = time.perf_counter()
+    a = SpectralAnalysis()
+    res = a.run(m, SpectralOptions(spectrum=spectrum))
+    t3 = time.perf_counter()
+    write_report(m, [(a, res)], out)
+    t4 = time.perf_counter()
+    row_s = sum(float(r.get("seconds") or 0) for r in res.records)
+    return {"imports": t1 - t0, "load": t2 - t1, "analysis": t3 - t2, "report": t4 - t3, "row_seconds": row_s}
+
+
+def spiked(n: int, m: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, m, generator=g) / math.sqrt(max(n, m))
+    k = 40
+    u, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
+    s = 2.5 * (1 - torch.rand(k, generator=g)) ** (-1 / 1.5)
+    return ((w + u @ torch.diag(s) @ v.T) * 0.05).contiguous()
+
+
+def write_spiked(dirpath: Path, name: str, shapes: list[tuple[int, int]]) -> str:
+    from safetensors.torch import save_file
+
+    tensors = {f"layers.{i}.weight": spiked(a, b, i) for i, (a, b) in enumerate(shapes)}
+    path = dirpath / f"{name}.safetensors"
+    save_file(tensors, str(path))
+    return str(path)
+
+
+def _alphas(out_dir: Path) -> dict[str, float]:
+    import pandas as pd
+
+    hits = list(out_dir.glob("**/esd*.parquet"))
+    if not hits:
+        return {}
+    df = pd.read_parquet(hits[0])
+    return {str(r["layer"]): float(r["alpha"]) for _, r in df.iterrows() if "alpha" in df and r.get("alpha") == r.get("alpha")}
+
+
+def whole(label: str, path: str, tmp: Path, have_peer: bool, timeout: float) -> None:
+    print(f"\n== whole process: {label}", flush=True)
+    py = sys.executable
+    times: dict[str, float] = {}
+    t, err = timed([py, "-c", FLOOR_SCRIPT, path], timeout)
+    times["floor"] = t
+    outs = {}
+    for mode in ("full", "partial"):
+        d = tmp / f"out-{mode}"
+        cmd = [py, "-m", "netanatomy", "analyze", path, "--only", "esd", "--out", str(d)]
+        if mode == "partial":
+            cmd += ["--set", "esd.spectrum=partial"]
+        t, err = timed(cmd, timeout)
+        if err:
+            print(f"  netanatomy {mode}: {err}")
+            return
+        times[mode] = t
+        outs[mode] = _alphas(d)
+    if have_peer:
+        t, err = timed([py, "-c", PEER_SCRIPT, path, str(tmp / "peer.json")], timeout)
+        times["peer"] = t if not err else math.nan
+        if err:
+            print(f"  weightwatcher: {err}")
+    print(f"  dense floor (process: import torch, read, Gram + eigvalsh of each matrix): {times['floor']:.2f} s")
+    for mode, name in (("full", "exact"), ("partial", "partial")):
+        line = f"  netanatomy {name:7s}: {times[mode]:6.2f} s = x{times[mode] / times['floor']:.2f} the floor"
+        if math.isfinite(times.get("peer", math.nan)):
+            line += f", x{times['peer'] / times[mode]:.1f} faster than weightwatcher"
+        print(line)
+    if "peer" in times:
+        print(f"  weightwatcher    : {times['peer']:6.2f} s")
+    full, part = outs["full"], outs["partial"]
+    common = sorted(set(full) & set(part))
+    if common:
+        diffs = [abs(full[k] - part[k]) for k in common]
+        within = sum(1 for d in diffs if d <= 0.02)
+        print(f"  alpha partial vs exact: {within}/{len(common)} layers within 0.02, max |diff| {max(diffs):.4f}")
+        for k in common:
+            if abs(full[k] - part[k]) > 0.02:
+                print(f"    {k}: exact {full[k]:.3f}, partial {part[k]:.3f}")
+    for mode in ("full", "partial"):
+        sp = run_child(["--child", "split", "--path", path, "--spectrum", mode, "--workdir", str(tmp / f"split-{mode}.html")], timeout)
+        if "error" not in sp:
+            print(f"  time split {mode:7s} (in process): imports {sp['imports']:.2f} s, load {sp['load']:.2f} s, "
+                  f"spectra + fits {sp['analysis']:.2f} s (per-row sum {sp['row_seconds']:.2f} s), report {sp['report']:.2f} s")
+    sys.stdout.flush()
 
 
 def run_child(args: list[str], timeout: float) -> dict:
@@ -270,7 +416,8 @@ def llama(dirpath: Path, blocks: int, workers: int, timeout: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--child", choices=["ours", "peer"])
+    ap.add_argument("--child", choices=["ours", "peer", "split"])
+    ap.add_argument("--spectrum", default="full")
     ap.add_argument("--path")
     ap.add_argument("--full", action="store_true")
     ap.add_argument("--peer-threads", type=int, default=0, help="BLAS threads for the peer (0: its default)")
@@ -287,6 +434,9 @@ def main() -> None:
 
     if a.child == "ours":
         print(json.dumps(child_ours(a.path, a.full, a.workers)))
+        return
+    if a.child == "split":
+        print(json.dumps(child_split(a.path, a.spectrum, a.workdir)))
         return
     if a.child == "peer":
         print(json.dumps(child_peer(a.path, a.full, a.peer_threads)))
@@ -324,6 +474,16 @@ def main() -> None:
                 what = f"first {k} of six" if k else "six"
                 compare(f"(b) {what} Linear({size}, {size})", sub, True, a.workers, a.peer_threads, a.timeout)
             os.unlink(lp)
+        if "whole" in cases:
+            p = minilm_path()
+            if p is not None:
+                whole("MiniLM", p, tmp, have_peer, a.timeout)
+            lp = write_spiked(tmp, "two4096", [(4096, 4096)] * 2)
+            whole("two 4096x4096 layers", lp, tmp, have_peer, a.timeout)
+            os.unlink(lp)
+            mp = write_spiked(tmp, "mixed24", [(1024, 1024), (4096, 1024)] * 12)
+            whole("24 layers, 1024x1024 and 4096x1024", mp, tmp, have_peer, a.timeout)
+            os.unlink(mp)
         if "llama" in cases:
             d = tmp / "llama"
             d.mkdir()

@@ -29,6 +29,7 @@ class Table:
     caption: str = ""
     max_rows: int = 500
     highlight: str | None = None  # name of a boolean column that marks rows
+    sortable: bool = False  # click a header to sort, a box to filter (small inline script)
 
     @classmethod
     def from_records(cls, records: Sequence[dict], columns: Sequence[str] | None = None, **kw):
@@ -61,6 +62,15 @@ class Image:
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
         plt.close(fig)
         return cls(png=buf.getvalue(), caption=caption, alt=caption)
+
+
+@dataclass
+class Svg:
+    """An inline SVG picture made by :mod:`netanatomy.report.svg` (which escapes
+    every text it writes); never markup from elsewhere."""
+
+    markup: str
+    caption: str = ""
 
 
 @dataclass

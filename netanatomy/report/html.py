@@ -1,7 +1,8 @@
 """The self-contained HTML report: a model overview and one section per analysis.
 
-Images are inlined as base64 PNG, styles are inline, there is no script and no
-network access, so the file opens from disk anywhere.
+Images are inlined as base64 PNG or SVG, styles are inline, the only script is
+the small table sorter of sortable tables, and nothing is fetched from the
+network, so the file opens from disk anywhere.
 """
 
 from __future__ import annotations
@@ -15,7 +16,21 @@ from markupsafe import Markup, escape
 from .._util import atomic_write_text
 from ..analysis import Analysis, AnalysisResult
 from ..model import Model
-from .blocks import Callout, Group, Image, Paragraph, Table, format_value
+from .blocks import Callout, Group, Image, Paragraph, Svg, Table, format_value
+
+# sorting and filtering of tables marked sortable: one small script, no network
+_SORT_JS = Markup("""<script>(function(){if(window.naSort)return;window.naSort=1;
+function key(td){var v=td.getAttribute('data-v');return v===null?td.textContent:parseFloat(v);}
+document.addEventListener('click',function(e){var th=e.target.closest('table.sortable th');if(!th)return;
+var tb=th.closest('table').tBodies[0],i=th.cellIndex,d=th.getAttribute('data-d')==='1'?-1:1;
+th.setAttribute('data-d',d===1?'1':'0');var rs=Array.prototype.slice.call(tb.rows);
+rs.sort(function(a,b){var x=key(a.cells[i]),y=key(b.cells[i]);
+if(typeof x==='number'&&typeof y==='number'){if(isNaN(x))return 1;if(isNaN(y))return -1;return d*(x-y);}
+return d*String(x).localeCompare(String(y));});rs.forEach(function(r){tb.appendChild(r);});});
+document.addEventListener('input',function(e){if(!e.target.classList.contains('tfilter'))return;
+var q=e.target.value.toLowerCase(),t=e.target.nextElementSibling.querySelector('tbody');
+Array.prototype.forEach.call(t.rows,function(r){r.style.display=r.textContent.toLowerCase().indexOf(q)<0?'none':'';});});
+})();</script>""")
 from .render import render
 
 
@@ -33,6 +48,9 @@ def render_block(block) -> Markup:
         return Markup('<figure><img alt="{}" src="data:image/png;base64,{}">{}</figure>').format(
             block.alt or block.caption, Markup(data), cap
         )
+    if isinstance(block, Svg):
+        cap = Markup("<figcaption>{}</figcaption>").format(block.caption) if block.caption else ""
+        return Markup("<figure>{}{}</figure>").format(Markup(block.markup), cap)
     if isinstance(block, Group):
         inner = Markup("").join(render_block(b) for b in block.blocks)
         if block.folded:
@@ -48,7 +66,10 @@ def render_table(table: Table) -> Markup:
     body = []
     for r in rows:
         cls = Markup(' class="hl"') if table.highlight and r.get(table.highlight) else Markup("")
-        cells = Markup("").join(Markup("<td>{}</td>").format(format_value(r.get(c))) for c in cols)
+        if table.sortable:
+            cells = Markup("").join(_sort_cell(r.get(c)) for c in cols)
+        else:
+            cells = Markup("").join(Markup("<td>{}</td>").format(format_value(r.get(c))) for c in cols)
         body.append(Markup("<tr{}>{}</tr>").format(cls, cells))
     more = ""
     if len(table.rows) > table.max_rows:
@@ -56,9 +77,20 @@ def render_table(table: Table) -> Markup:
             len(table.rows) - table.max_rows
         )
     cap = Markup("<caption>{}</caption>").format(table.caption) if table.caption else ""
+    if table.sortable:
+        return Markup('<input class="tfilter" type="search" placeholder="filter rows" aria-label="filter rows">'
+                      '<div class="table-wrap"><table class="sortable">{}<thead><tr>{}</tr></thead><tbody>{}</tbody>'
+                      '</table></div>{}{}').format(cap, head, Markup("").join(body), more, _SORT_JS)
     return Markup('<div class="table-wrap"><table>{}<thead><tr>{}</tr></thead><tbody>{}</tbody></table></div>{}').format(
         cap, head, Markup("").join(body), more
     )
+
+
+def _sort_cell(v) -> Markup:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        num = "NaN" if v != v else repr(float(v))
+        return Markup('<td data-v="{}">{}</td>').format(num, format_value(v))
+    return Markup("<td>{}</td>").format(format_value(v))
 
 
 def _section(analysis: Analysis, result: AnalysisResult) -> dict:

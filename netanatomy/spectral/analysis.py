@@ -31,12 +31,13 @@ from .esd import (
     choose_precision,
     entry_variance,
     layer_matrices,
+    partial_spectrum_of,
     resolution_floor,
     shuffled,
     spectrum_of,
 )
 from .metrics import mp_fit, norm_metrics, randomization_metrics
-from .powerlaw import PowerLawFit, compare_tail, fit_power_law
+from .powerlaw import PowerLawFit, compare_tail, fit_power_law, hill_alpha
 
 SPECTRAL_KINDS = frozenset(
     {LayerKind.LINEAR, LayerKind.ATTENTION, LayerKind.EMBEDDING, LayerKind.CONV1D, LayerKind.CONV2D, LayerKind.CONV3D}
@@ -48,14 +49,14 @@ UNDER_TRAINED = 6.0
 
 # the columns of a row, in order (MP and randomisation columns only when asked for)
 COLUMNS = [
-    "layer", "kind", "N", "M", "slices", "num_evals", "alpha", "alpha_weighted", "D", "xmin", "xmax",
+    "layer", "kind", "N", "M", "slices", "num_evals", "alpha", "alpha_hill", "alpha_weighted", "D", "xmin", "xmax",
     "sigma", "num_pl_spikes", "log_norm", "log_spectral_norm", "log_alpha_norm", "stable_rank",
     "matrix_rank", "entropy", "lambda_max", "best_fit", "lr_pl_tpl", "p_pl_tpl", "lr_pl_exp",
-    "p_pl_exp", "warning", "fit_reason", "precision",
+    "p_pl_exp", "warning", "fit_reason", "precision", "spectrum", "evals_computed",
 ]
 MP_COLUMNS = ["sigma_mp", "mp_lambda_minus", "mp_lambda_plus", "num_spikes", "mp_softrank"]
 RAND_COLUMNS = ["rand_lambda_max", "rand_mp_lambda_plus", "rand_distance", "rand_softrank", "num_traps"]
-SUMMARY_METRICS = ["log_norm", "alpha", "alpha_weighted", "log_alpha_norm", "log_spectral_norm", "stable_rank",
+SUMMARY_METRICS = ["log_norm", "alpha", "alpha_hill", "alpha_weighted", "log_alpha_norm", "log_spectral_norm", "stable_rank",
                    "mp_softrank", "rand_distance"]
 
 
@@ -75,6 +76,11 @@ class SpectralOptions:
     workers: int = 0  # layers in parallel; 0 = one per CPU core (1 on GPU)
     base: str | None = None  # path of a base model: analyse W - W_base, layers matched by name
     keep_spectra: bool = True  # keep eigenvalues in result.extras for pictures
+    # "full": every eigenvalue (Gram + eigvalsh); "partial": the top of the spectrum
+    # only (block subspace iteration), extended until the fit's xmin lies well inside it
+    spectrum: Literal["full", "partial"] = "full"
+    partial_margin: float = 0.2  # partial: xmin must lie above this fraction of the complete part
+    hill_xmin_pos: float = 2.0  # PL_Alpha_Hill: the tail is the top n - floor(n / hill_xmin_pos) values
 
 
 def _warning(alpha: float, reason: str | None) -> str:
@@ -92,8 +98,10 @@ def _fit_values(sp: Spectrum, options: SpectralOptions) -> tuple[PowerLawFit, np
     if not (lmax > 0):
         return PowerLawFit(reason="all eigenvalues are zero (zero matrix)"), sp.evals[:0]
     # drop eigenvalues that are zero within the resolution of the computation
-    thr = 4.0 * resolution_floor(lmax, sp.M, sp.precision)
+    thr = max(4.0 * resolution_floor(lmax, sp.M, sp.precision), 0.0)
     ev = sp.evals[sp.evals > thr]
+    if sp.partial:
+        ev = ev[ev >= sp.boundary]  # below the boundary the pooled spectrum is incomplete
     fit = fit_power_law(ev, min_tail=options.min_tail, ks=options.ks)
     if fit.reason and ev.size < sp.evals.size and ev.size < options.min_tail:
         fit.reason += f"; {sp.evals.size - ev.size} of {sp.evals.size} eigenvalues are numerically zero"
@@ -125,14 +133,25 @@ def spectral_row(
 ) -> tuple[dict, dict]:
     """Metrics of one (count, rows, cols) batch of matrices -> (row, extras)."""
     t0 = time.perf_counter()
-    sp = spectrum_of(batch, options.precision, device, keep_per_matrix=options.per_slice and batch.shape[0] > 1)
+    partial = options.spectrum == "partial"
+    if partial:
+        sp = _partial(batch, options, options.precision, device)
+    else:
+        sp = spectrum_of(batch, options.precision, device, keep_per_matrix=options.per_slice and batch.shape[0] > 1)
     fit, ev = _fit_values(sp, options)
     # float32 is kept when its eigenvalue errors cannot move alpha by more than
     # alpha_tol or 5% of the fit's own standard error, whichever is larger
     tol = max(options.alpha_tol, 0.05 * fit.sigma) if fit.ok else options.alpha_tol
     if sp.precision == "float32" and options.precision == "auto" and _alpha_error_bound(sp, fit) > tol:
-        sp = spectrum_of(batch, "float64", device, keep_per_matrix=sp.per_matrix is not None)
+        if partial:
+            sp = _partial(batch, options, "float64", device)
+        else:
+            sp = spectrum_of(batch, "float64", device, keep_per_matrix=sp.per_matrix is not None)
         fit, ev = _fit_values(sp, options)
+    if sp.partial:
+        a_hill, _ = hill_alpha(ev, options.hill_xmin_pos, n_total=sp.count * sp.M)
+    else:
+        a_hill, _ = hill_alpha(ev, options.hill_xmin_pos)
     row: dict[str, Any] = {
         "layer": name,
         "kind": kind,
@@ -141,6 +160,7 @@ def spectral_row(
         "slices": sp.count,
         "num_evals": int(sp.evals.size),
         "alpha": fit.alpha,
+        "alpha_hill": a_hill,
         "D": fit.D,
         "xmin": fit.xmin,
         "xmax": fit.xmax,
@@ -155,6 +175,8 @@ def spectral_row(
     row["warning"] = _warning(fit.alpha, fit.reason)
     row["fit_reason"] = fit.reason
     row["precision"] = sp.precision
+    row["spectrum"] = "partial" if sp.partial else "full"
+    row["evals_computed"] = int(sp.evals.size)
     extras: dict[str, Any] = {"evals": sp.evals, "fit": (fit.alpha, fit.xmin, fit.xmax, fit.n_tail)}
     if options.mp_fit:
         mp = mp_fit(sp)
@@ -171,6 +193,23 @@ def spectral_row(
     if sp.per_matrix is not None:
         extras["per_matrix"] = sp.per_matrix
     return row, extras
+
+
+def _partial(batch: torch.Tensor, options: SpectralOptions, precision: str, device) -> Spectrum:
+    """The top of the spectrum, extended until the power-law fit's xmin lies above
+    the lowest ``partial_margin`` of the complete part and two successive sizes
+    (k and 2k eigenvalues per matrix) give the same xmin: a lower xmin, outside
+    the computed part, would have shown up as the part grew."""
+    seen: list[float] = []
+
+    def accept(sp: Spectrum) -> bool:
+        fit, ev = _fit_values(sp, options)
+        inside = fit.ok and fit.n_tail <= (1.0 - options.partial_margin) * ev.size
+        same = inside and bool(seen) and math.isclose(seen[-1], fit.xmin, rel_tol=1e-6)
+        seen.append(fit.xmin if inside else math.nan)
+        return same
+
+    return partial_spectrum_of(batch, accept, precision, device, start=1.0 / 64)
 
 
 def _slice_labels(kernel: tuple[int, ...]) -> list[str]:
@@ -203,6 +242,13 @@ class SpectralAnalysis(Analysis):
         return layer.kind in SPECTRAL_KINDS and len(layer.shape) >= 2
 
     def prepare(self, model: Model, options: SpectralOptions) -> SpectralRun:
+        if options.spectrum not in ("full", "partial"):
+            raise UserError(f"esd.spectrum must be full or partial, not {options.spectrum!r}")
+        if options.spectrum == "partial" and (options.mp_fit or options.randomize or options.per_slice):
+            raise UserError("esd.spectrum=partial computes the top of the spectrum only; mp_fit, randomize and "
+                            "per_slice need the full spectrum")
+        if not (0.0 <= options.partial_margin < 1.0):
+            raise UserError(f"esd.partial_margin must lie in [0, 1), not {options.partial_margin!r}")
         base = None
         if options.base:
             from ..io import load

@@ -28,6 +28,13 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         per_slice: bool = typer.Option(False, "--per-slice", help="Conv layers: also one row per kernel position."),
         describe_only: bool = typer.Option(False, "--describe", help="Show the matrices that would be analysed; compute nothing."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON records instead of a table."),
+        spectrum: str = typer.Option("full", "--spectrum", help="full (every eigenvalue) or partial (the top only, faster)."),
+        allocate: Optional[str] = typer.Option(
+            None, "--allocate",
+            help="Per-layer allocation from alpha_hill: sparsity=S[,epsilon=E][,blockwise=1] (AlphaPruning) or "
+                 "lr[,lr_min_ratio=R][,lr_slope=K] (TempBalance); written to --out.",
+        ),
+        out: Optional[str] = typer.Option(None, "--out", help="File for --allocate: .csv for CSV, else JSON."),
     ) -> None:
         """Spectral health of each layer: power-law alpha of the eigenvalue spectrum and friends."""
         from rich.console import Console
@@ -37,8 +44,19 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         from ..io import load
         from .analysis import SpectralAnalysis, SpectralOptions, describe
 
+        from ..errors import UserError
+        from .allocate import allocate as make_allocation
+        from .allocate import parse_allocate
+
+        if allocate is not None:
+            parse_allocate(allocate)  # a bad spec fails before any tensor is read
+            if not out:
+                raise UserError("--allocate needs --out FILE (.json or .csv)")
+        elif out:
+            raise UserError("--out is the file of --allocate; give --allocate too")
         m = load(model)
-        opts = SpectralOptions(base=base, mp_fit=mp_fit, randomize=randomize, seed=seed, per_slice=per_slice)
+        opts = SpectralOptions(base=base, mp_fit=mp_fit, randomize=randomize, seed=seed, per_slice=per_slice,
+                               spectrum=spectrum)
         console = Console(highlight=False, soft_wrap=True)
         if not console.is_terminal:
             console = Console(highlight=False, soft_wrap=True, width=240)
@@ -51,10 +69,21 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         else:
             res = SpectralAnalysis().run(m, opts)
             rows = res.records
+            if allocate is not None:
+                params = {}
+                for layer in m.layers:
+                    n = 1
+                    for d in layer.shape:
+                        n *= int(d)
+                    params[layer.name] = n // max(layer.fused, 1)
+                recs = [dict(r, params=params.get(r["layer"], params.get(r["layer"].split("[")[0])))
+                        for r in rows if not r.get("error")]
+                al = make_allocation(recs, allocate)
+                path = al.write(out)
             if as_json:
                 print(dumps({"summary": res.summary, "records": rows}))
                 return
-            cols = ["layer", "N", "M", "alpha", "D", "num_pl_spikes", "alpha_weighted", "log_spectral_norm",
+            cols = ["layer", "N", "M", "alpha", "alpha_hill", "D", "num_pl_spikes", "alpha_weighted", "log_spectral_norm",
                     "stable_rank", "best_fit", "warning"]
             if mp_fit:
                 cols.insert(-1, "num_spikes")
@@ -74,3 +103,6 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
                 f"{s.get('under_trained', 0)} under-trained, {s.get('failed_fits', 0)} failed fits, "
                 f"{s.get('layers_failed', 0)} errors; {res.seconds:.1f} s"
             )
+            if allocate is not None:
+                console.print(f"{al.kind} allocation over {len(al.rows)} layers (parameter-weighted mean "
+                              f"{al.weighted_mean():.4f}; {len(al.skipped)} without alpha) written to {path}")

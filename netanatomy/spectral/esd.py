@@ -53,6 +53,15 @@ class Spectrum:
     fro2: float  # sum of sigma^2 (= squared Frobenius norm of all matrices)
     precision: str  # "float32" | "float64"
     per_matrix: np.ndarray | None = field(default=None, repr=False)  # (count, M) normalised
+    # partial spectra (``spectrum="partial"``): the top ``computed`` eigenvalues of
+    # each matrix only; eigenvalues below ``boundary`` (normalised) are incomplete
+    computed: int | None = None
+    boundary: float = 0.0
+    extensions: int = 0
+
+    @property
+    def partial(self) -> bool:
+        return self.computed is not None and self.computed < self.M
 
     @property
     def raw_evals(self) -> np.ndarray:
@@ -208,6 +217,88 @@ def spectrum_of(
         precision=prec,
         per_matrix=ev if keep_per_matrix else None,
     )
+
+
+# ---------------------------------------------------------------------------
+# partial spectra: the top of the spectrum by block subspace iteration
+
+
+def gram_matrix(mat: torch.Tensor, dtype: torch.dtype, device=None, block_elems: int = 1 << 24) -> torch.Tensor:
+    """The full (symmetric) Gram matrix of the smaller side of one (rows, cols) matrix."""
+    a, b = mat.shape
+    small = min(a, b)
+    slab = max(1, block_elems // max(1, small))
+    if _use_syrk(small, dtype, device):
+        g = _syrk_gram(mat, dtype, slab)
+        return g.tril() + g.tril(-1).T
+    g = torch.zeros(small, small, dtype=dtype, device=device)
+    for r in range(0, max(a, b), slab):
+        x = (mat[r : r + slab, :] if a >= b else mat[:, r : r + slab].T).to(device=device, dtype=dtype)
+        g.addmm_(x.T, x)
+    return g
+
+
+def top_eigvalsh(g: torch.Tensor, k: int, iters: int = 8, oversample: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """The ``k`` largest eigenvalues (ascending) of a symmetric PSD matrix by
+    block subspace iteration with a Rayleigh-Ritz step (Halko, Martinsson & Tropp
+    2011, Alg. 4.4 with ``iters`` power steps); the block is ``k`` plus
+    ``oversample * k`` (at least 10) extra columns, so the k-th value converges
+    at the rate of the gap to the block's last one. Falls back to the full
+    ``eigvalsh`` when the block would be a third of the matrix or more."""
+    M = g.shape[0]
+    b = min(M, k + max(10, int(math.ceil(oversample * k))))
+    if 3 * b >= M:
+        return torch.linalg.eigvalsh(g)[-k:].clamp_min(0)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(M, b, generator=gen, dtype=g.dtype).to(g.device)
+    q, _ = torch.linalg.qr(g @ q)
+    for _ in range(iters):
+        q, _ = torch.linalg.qr(g @ q)
+    t = q.T @ (g @ q)
+    ev = torch.linalg.eigvalsh((t + t.T) / 2)
+    return ev[-k:].clamp_min(0)
+
+
+def partial_spectrum_of(
+    batch: torch.Tensor,
+    accept,
+    precision: str = "auto",
+    device=None,
+    start: float = 0.125,
+    min_top: int = 32,
+    iters: int = 8,
+) -> Spectrum:
+    """The top of the pooled ESD of a (count, rows, cols) batch, extended until
+    ``accept(spectrum)`` is true (the caller checks that its fit's xmin lies well
+    inside the computed part) or the whole spectrum is computed.
+
+    Starts with the top ``max(min_top, start * M)`` eigenvalues of each matrix and
+    doubles. ``boundary`` is the largest of the matrices' smallest computed
+    eigenvalues: at and above it the pooled spectrum is complete. The squared
+    Frobenius norm comes from the weights, so trace-like sums stay exact."""
+    count, a, b = batch.shape
+    N, M = max(a, b), min(a, b)
+    prec = choose_precision(tuple(batch.shape), precision)
+    dtype = torch.float32 if prec == "float32" else torch.float64
+    dev = device if device is not None else None
+    grams = [gram_matrix(batch[i], dtype, dev) for i in range(count)]
+    fro2 = frobenius2(batch)
+    k = min(M, max(int(min_top), int(math.ceil(start * M))))
+    ext = 0
+    while True:
+        if k >= M:
+            ev = torch.stack([torch.linalg.eigvalsh(g).clamp_min(0) for g in grams]).to(torch.float64).cpu()
+        else:
+            ev = torch.stack([top_eigvalsh(g, k, iters=iters, seed=i) for i, g in enumerate(grams)]).to(torch.float64).cpu()
+        ev = (ev / N).numpy()
+        sp = Spectrum(evals=np.sort(ev.reshape(-1)), N=N, M=M, count=count, fro2=fro2, precision=prec,
+                      computed=min(k, M), boundary=float(ev[:, 0].max()) if k < M else 0.0, extensions=ext)
+        if k >= M or accept(sp):
+            if k >= M:
+                sp.computed = M
+            return sp
+        k = min(M, 2 * k)
+        ext += 1
 
 
 def frobenius2(batch: torch.Tensor, chunk_elems: int = 1 << 22) -> float:

@@ -44,6 +44,12 @@ def norm_metrics(sp: Spectrum, alpha: float) -> dict:
     else:
         out["log_alpha_norm"] = math.nan
     out["stable_rank"] = sp.fro2 / lmax
+    if getattr(sp, "partial", False):
+        # rank and entropy need every eigenvalue; log_alpha_norm above sums the
+        # computed top only (the omitted values are the smallest: a lower bound)
+        out["matrix_rank"] = None
+        out["entropy"] = math.nan
+        return out
     rank = matrix_rank(sp)
     out["matrix_rank"] = rank
     out["entropy"] = matrix_entropy(raw, rank)

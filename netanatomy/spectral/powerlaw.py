@@ -257,3 +257,39 @@ def compare_tail(evals, fit: PowerLawFit, p_threshold: float = 0.1) -> TailCompa
         best = "exponential"
     out.best = best
     return out
+
+
+# ---------------------------------------------------------------------------
+# Hill estimator with a fixed tail (PL_Alpha_Hill)
+
+
+def hill_alpha(evals, xmin_pos: float = 2.0, n_total: int | None = None) -> tuple[float, int]:
+    """PL_Alpha_Hill as AlphaPruning computes it (``net_esd_estimator`` with
+    ``fix_fingers="xmin_mid"``, Lu et al. 2024, arXiv:2410.10912).
+
+    With the n positive values sorted ascending ``x_0 <= ... <= x_{n-1}``, the
+    lower cut is ``i = floor(n / xmin_pos)`` (the median for the default 2), the
+    tail is ``x_i .. x_{n-1}`` (k = n - i values, the cut itself included) and
+
+        alpha = 1 + k / sum_{j >= i} log(x_j / x_i).
+
+    ``n_total`` is n when ``evals`` holds only the top of the spectrum (a partial
+    spectrum); NaN when the top k values are not all there.
+
+    Returns ``(alpha, k)``; NaN when fewer than two values remain or they are all
+    equal."""
+    x = np.sort(np.asarray(evals, dtype=np.float64).reshape(-1))
+    x = x[np.isfinite(x) & (x > 0)]
+    n = x.size if n_total is None else int(n_total)
+    if n < 2 or not (xmin_pos >= 1.0):
+        return math.nan, 0
+    i = int(n / xmin_pos)
+    i = min(i, n - 2)  # at least two values in the tail
+    if n - i > x.size:
+        return math.nan, n - i
+    tail = x[x.size - (n - i):]
+    k = int(tail.size)
+    denom = float(np.log(tail / tail[0]).sum())
+    if not (denom > 0):
+        return math.nan, k
+    return 1.0 + k / denom, k
