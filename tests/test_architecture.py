@@ -106,7 +106,6 @@ def test_the_walker_sees_the_package():
     assert "netanatomy.model" in _imports("netanatomy.io", top_level_only=True)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: synthesis/permute <-> synthesis/chain circle")
 def test_no_import_circles():
     cycle = _cycle(_graph(top_level_only=False))
     assert cycle is None, "import circle: " + " -> ".join(cycle)
@@ -141,7 +140,6 @@ def _opens_weights(tree: ast.Module) -> list[int]:
     return lines
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: banding/experiment.py still opens files itself")
 def test_only_io_opens_weights_files():
     offenders = []
     for m, (path, tree) in MODULES.items():

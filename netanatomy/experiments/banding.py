@@ -399,20 +399,16 @@ def save_run(run: dict, path: str | Path, cfg: ExperimentConfig) -> None:
 
 def load_run(path: str | Path) -> tuple[str, dict]:
     """(config key, run dict) from a file written by :func:`save_run`."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
     from ..errors import UserError
+    from ..io import read_tensors
 
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        state = load_file(str(path))
+        state, meta = read_tensors(path)
         run = json.loads(meta.get("run", "{}"))
         run["state_dict"] = state
         run["weights"] = {n: state[f"conv{n}.0.weight"] for n in ("1", "2", "3a", "3b", "5a", "5b")}
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+    except (UserError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: not a banding weights file ({exc}); delete it to train that run again") from None
     return meta.get("config", ""), run
 

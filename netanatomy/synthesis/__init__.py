@@ -10,7 +10,6 @@ from .evaluate import CommandEvaluator
 from .interpolate import InterpolationCurve, interpolate, loss_barrier, plot_interpolation
 from .permute import (
     AlignResult,
-    PermutationSpec,
     align,
     apply_permutation,
     random_permutations,
@@ -18,6 +17,7 @@ from .permute import (
     weight_matching,
 )
 from .soup import SoupResult, greedy_soup, uniform_soup
+from .spec import PermutationSpec
 
 __all__ = [
     "AlignResult",

@@ -50,7 +50,7 @@ import torch
 from ..errors import UserError
 from ..io import CheckpointStore, build_layers, open_store
 from ..model import CONV_KINDS, Layer, LayerKind
-from .permute import PermutationSpec
+from .spec import PermutationSpec
 
 _RESIDUAL_RE = re.compile(r"(^|[._/])(downsample|shortcut|skip|residual|res_?conv|identity)([._/\d]|$)", re.I)
 _NAME_RE = re.compile(r"^(.*?)([A-Za-z_]*)(\d*)$")
