@@ -502,7 +502,7 @@ def train_stack(hps: list[dict], config: ZooConfig, data: ZooData):
     return snaps, rows
 
 
-class SmallCNN(nn.Module):
+class ZooCNN(nn.Module):
     """One net of the zoo as a plain module (the sequential reference and the
     model the checkpoints describe)."""
 
@@ -526,7 +526,7 @@ class SmallCNN(nn.Module):
 
 def train_sequential(hp: dict, config: ZooConfig, data: ZooData) -> tuple[list[dict], list[dict]]:
     """Train one net alone with ``torch.optim`` (the reference for the batched path)."""
-    net = SmallCNN(hp["activation"])
+    net = ZooCNN(hp["activation"])
     net.load_state_dict(init_params(hp))
     r = _NetRandom(hp, data.x_train.shape[0])
     opt = _torch_optimizer(hp["optimizer"], net.parameters(), hp["lr"], hp["l2"])

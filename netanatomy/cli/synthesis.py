@@ -79,7 +79,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
     ) -> None:
         """Average checkpoints tensor by tensor in float64 (SWA-style mean, weighted mean or EMA); memory stays near one tensor per checkpoint for safetensors inputs."""
-        from .average import average, ema as ema_fn
+        from ..synthesis.average import average, ema as ema_fn
 
         _check_out(out, checkpoints)
         if ema is not None and weights is not None:
@@ -105,7 +105,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
     ) -> None:
         """Uniform soup (the mean of all members) or greedy soup (Wortsman et al. 2022)."""
-        from .soup import greedy_soup, uniform_soup
+        from ..synthesis.soup import greedy_soup, uniform_soup
 
         _check_out(out, checkpoints)
         if greedy and not eval_cmd:
@@ -155,7 +155,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         out: Optional[Path] = typer.Option(None, "--out", help="Write the curve and the barrier as JSON here."),
     ) -> None:
         """Score the straight path between two models and print the barrier (the largest excess over the end-point line)."""
-        from .interpolate import interpolate
+        from ..synthesis.interpolate import interpolate
 
         curve = interpolate(model_a, model_b, eval_cmd, points, timeout=timeout)
         barrier = curve.barrier("score", higher_is_better)
@@ -187,9 +187,9 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
     ) -> None:
         """Permute B's hidden units to match A by weight matching (Git Re-Basin). The architecture is inferred from the weights as a plain chain of conv/linear layers with norms; residual connections, attention, grouped convs and anything ambiguous are refused."""
-        from .average import average
-        from .chain import infer_chain
-        from .permute import align
+        from ..synthesis.average import average
+        from ..synthesis.chain import infer_chain
+        from ..synthesis.permute import align
         from ..io import open_store, save_tensors
 
         _check_out(out, [model_a, model_b])
@@ -217,7 +217,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         if mid is not None:
             summary.update({"average": str(mid.path), "average_sha256": mid.file_sha256})
         if eval_cmd is not None:
-            from .interpolate import interpolate
+            from ..synthesis.interpolate import interpolate
 
             for label, other in (("naive", rb), ("aligned", res.aligned)):
                 curve = interpolate(ra, other, eval_cmd, points, timeout=timeout)
@@ -247,106 +247,3 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         if mid is not None:
             console.print(f"wrote {mid.path} (midpoint of A and aligned B)", markup=False)
             console.print(f"sha256 {mid.file_sha256}  {mid.path.name}", markup=False)
-
-    @experiment_app.command("synthesis")
-    def experiment_cmd(
-        config: str = typer.Option(
-            "full", "--config",
-            help="full (soups from a weak start + barriers, ~25 min on one core), soups (soups from a strong pre-trained start, ~15 min), quick / soups-quick (smoke tests).",
-        ),
-        out: Path = typer.Option(Path("results"), "--out", help="Folder for synthesis.md, synthesis.json and the figure."),
-        seed: int = typer.Option(
-            0, "--seed",
-            help="Run seed S: moves every random choice (held-out split, the start's init and data order, each member's seed) by S x 1000; 0 = the config as written. Files get a _seedS suffix.",
-        ),
-        seeds: Optional[str] = typer.Option(
-            None, "--seeds",
-            help="Comma-separated seeds, e.g. 0,1,2: runs them one after the other (a seed whose JSON exists is read, not rerun) and writes <stem>_seeds.md with the per-seed table, mean and spread.",
-        ),
-    ) -> None:
-        """Fashion-MNIST: greedy and uniform soups vs the best member; interpolation barriers before/after alignment, with and without BN recalibration."""
-        from .._util import atomic_write_text, dumps
-        from ..experiments import soups as ex
-
-        if config not in ex.CONFIGS:
-            raise UserError(f"--config is one of {', '.join(ex.CONFIGS)}, got {config!r}")
-        if out.exists() and not out.is_dir():
-            raise UserError(f"{out}: exists and is not a folder")
-        if seed < 0:
-            raise UserError(f"--seed must be >= 0, got {seed}")
-        seed_list = None if seeds is None else _parse_seeds(seeds)
-        if seed_list is not None and seed != 0:
-            raise UserError("give either --seed or --seeds, not both")
-        console = _console()
-        say = lambda m: console.print(m, markup=False)  # noqa: E731
-        seeds_stem = f"{ex.result_stem(config, 0)}_seeds"
-        if seed_list is None:
-            note = None
-            if (out / f"{seeds_stem}.md").is_file():
-                note = f"Over several seeds: [{seeds_stem}.md]({seeds_stem}.md)."
-            _experiment_one(ex, config, seed, out, say, note, atomic_write_text, dumps)
-            return
-        done: dict = {}
-        for s in seed_list:  # every existing JSON is checked before any training starts
-            p = out / f"{ex.result_stem(config, s)}.json"
-            if p.is_file():
-                try:
-                    done[s] = ex.load_seed_result(p, config, s)
-                except ValueError as e:
-                    raise UserError(str(e)) from None
-        note = f"Over several seeds: [{seeds_stem}.md]({seeds_stem}.md)."
-        for s in seed_list:
-            if s in done:
-                say(f"seed {s}: {out / (ex.result_stem(config, s) + '.json')} exists, not rerun")
-                continue
-            say(f"seed {s}: running")
-            done[s] = _experiment_one(ex, config, s, out, say, note, atomic_write_text, dumps)
-        agg = ex.aggregate_seeds([done[s] for s in seed_list])
-        command = f"netanatomy experiment synthesis --config {config} --seeds {','.join(map(str, seed_list))} --out {out}"
-        reports = {s: f"{ex.result_stem(config, s)}.md" for s in seed_list}
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / f"{seeds_stem}.json", dumps(agg, indent=1) + "\n")
-        atomic_write_text(out / f"{seeds_stem}.md", ex.render_seeds_markdown(agg, command, reports))
-        say(f"wrote {out / (seeds_stem + '.md')}")
-
-
-def _parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise UserError(f"--seeds takes comma-separated integers >= 0, got {text!r}") from None
-    if not seeds or any(s < 0 for s in seeds):
-        raise UserError(f"--seeds takes comma-separated integers >= 0, got {text!r}")
-    if len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds: a seed appears twice in {text!r}")
-    return seeds
-
-
-def _experiment_one(ex, config: str, seed: int, out: Path, say, note, atomic_write_text, dumps) -> dict:
-    """One run of ``netanatomy experiment synthesis``: JSON first (atomically), then markdown and figure."""
-    res = ex.run(config, log=say, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = ex.result_stem(config, seed)
-    figure = None
-    if "_curves" in res:
-        try:
-            fig = ex.plot_curves(res)
-            figure = f"{stem}_interpolation.png"
-            fig.savefig(out / figure, dpi=110)
-        except ImportError:
-            say("note: matplotlib not installed; no figure")
-    earlier = None
-    if config == "soups" and seed == 0 and (out / "synthesis.json").is_file():  # the full run is the soups run's earlier data point
-        import json
-
-        try:
-            earlier = json.loads((out / "synthesis.json").read_text())
-        except ValueError:
-            earlier = None
-    command = ("netanatomy experiment synthesis" + ("" if config == "full" else f" --config {config}")
-               + (f" --seed {seed}" if seed else "") + f" --out {out}")
-    doc = {k: v for k, v in res.items() if not k.startswith("_")}
-    atomic_write_text(out / f"{stem}.json", dumps(doc, indent=1) + "\n")
-    atomic_write_text(out / f"{stem}.md", ex.render_markdown(res, command, figure, earlier, note))
-    say(f"wrote {out / (stem + '.md')}")
-    return doc

@@ -1,4 +1,4 @@
-"""``netanatomy width RUN`` and ``netanatomy experiment width``."""
+"""``netanatomy width RUN``."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from ..errors import UserError
 def load_run(run: str, key: str | None = None):
     """A width record from a run folder, its ``width_curves.parquet``, or a folder of
     per-epoch checkpoints (post-hoc mode)."""
-    from .posthoc import curves_from_checkpoints
-    from .record import CURVES, WidthRecord
+    from ..dynamics.posthoc import curves_from_checkpoints
+    from ..dynamics.record import CURVES, WidthRecord
 
     p = Path(run)
     if not p.exists():
@@ -31,9 +31,9 @@ def load_run(run: str, key: str | None = None):
 def analyse_run(run: str, out: Path, *, tau=0.2, floor=0.1, window=5, axis=None, grow=2.0, target=1.0,
                 min_scale=0.25, multiple=1, key=None, report=True) -> tuple:
     from .._util import atomic_write, atomic_write_text, dumps
-    from .plan import make_plan
-    from .rule import RuleOptions
-    from .width import analyze_record
+    from ..dynamics.plan import make_plan
+    from ..dynamics.rule import RuleOptions
+    from ..dynamics.width import analyze_record
 
     if axis not in (None, "epoch", "step"):
         raise UserError("--axis is epoch or step")
@@ -55,7 +55,7 @@ def analyse_run(run: str, out: Path, *, tau=0.2, floor=0.1, window=5, axis=None,
     if not (Path(run) / "width_curves.parquet").exists() and Path(run).is_dir():
         rec.save(out / "curves")  # post-hoc curves, kept next to the verdicts
     if report:
-        from .report import blocks, write_html
+        from ..dynamics.report import blocks, write_html
 
         write_html(out / "report.html", f"Width sufficiency: {rec.meta.get('model', run)}", blocks(rec, analysis, plan))
     return rec, analysis, plan
@@ -98,17 +98,3 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
                       f"{r['peak']:.3g}", f"{r['final']:.3g}", f"{p.get('width')} -> {p.get('new_width')}")
         con.print(t)
         con.print(f"plan: FLOPs x{plan['flops_ratio']:.3f}, parameters x{plan['params_ratio']:.3f}; wrote {out_dir}")
-
-    @experiment_app.command("width")
-    def experiment_width(
-        config: str = typer.Option("quick", "--config", help="smoke (seconds, pipeline only), quick (~25 min on 2 busy cores: MLP) or full (about an hour: MLP and CNN)."),
-        out: Path = typer.Option(Path("netanatomy-width-experiment"), "--out", help="Output folder."),
-        seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds for the planned-vs-original comparison."),
-        threads: int = typer.Option(1, "--threads", help="torch threads."),
-        fresh: bool = typer.Option(False, "--fresh", help="Retrain runs already complete in --out."),
-    ) -> None:
-        """Narrow vs wide layer on Fashion-MNIST: DS/IS curves, sign changes, planned vs original model."""
-        from ..experiments.width import run_experiment
-
-        run_experiment(config, out, seeds=seeds, threads=threads, log=lambda s: typer.echo(s, err=True),
-                       reuse=not fresh)

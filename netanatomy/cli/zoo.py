@@ -96,7 +96,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
     ) -> None:
         """Train a zoo of small CNNs on Fashion-MNIST: checkpoints + metrics table."""
         from ..parallel import get_executor
-        from .train import ZooConfig, generate_zoo
+        from ..zoo.train import ZooConfig, generate_zoo
 
         cfg = ZooConfig(
             nets=nets, seed=seed, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
@@ -145,7 +145,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
     ) -> None:
         """Fine-tune copies of one net on related tasks (a zoo for region maps)."""
         from ..parallel import get_executor
-        from .finetune import FinetuneConfig, finetune_zoo
+        from ..zoo.finetune import FinetuneConfig, finetune_zoo
 
         if nets_per_task < 1 or steps < 1:
             raise UserError("--nets-per-task and --steps must be >= 1")
@@ -179,13 +179,13 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         """Predict accuracy from weight statistics; R^2 and Kendall's tau on held-out runs."""
         from .._util import atomic_write, atomic_write_text, dumps
         from ..parallel import get_executor
-        from .predict import ALL_PREDICTORS, predict_zoo, prediction_plot
+        from ..zoo.predict import ALL_PREDICTORS, predict_zoo, prediction_plot
 
         preds = _csv(predictors, "--predictors")
         for p in preds:
             if p not in ALL_PREDICTORS:
                 raise UserError(f"unknown predictor {p!r}; choose from {', '.join(ALL_PREDICTORS)}")
-        from .predict import FEATURE_SETS
+        from ..zoo.predict import FEATURE_SETS
 
         if features not in FEATURE_SETS:
             raise UserError(f"unknown --features {features!r}; choose from {', '.join(FEATURE_SETS)}")
@@ -194,7 +194,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         if splits < 1:
             raise UserError("--splits must be >= 1")
         selections = tuple(s.strip() for s in epochs.split("+") if s.strip())
-        from .predict import check_train_sizes
+        from ..zoo.predict import check_train_sizes
 
         try:
             sizes = check_train_sizes(x.strip() for x in train_sizes.split(",") if x.strip())
@@ -248,7 +248,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
     ) -> None:
         """Distances between models, clusters, purity and a 2-D map of a zoo."""
         from .._util import atomic_write, atomic_write_text, dumps
-        from .regions import map_plot, map_zoo
+        from ..zoo.regions import map_plot, map_zoo
 
         labs = tuple(v.strip() for v in labels.split(",") if v.strip())
         meths = _csv(methods, "--methods")

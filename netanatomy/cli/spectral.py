@@ -42,11 +42,11 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
 
         from .._util import dumps
         from ..io import load
-        from .analysis import SpectralAnalysis, SpectralOptions, describe
+        from ..spectral.analysis import SpectralAnalysis, SpectralOptions, describe
 
         from ..errors import UserError
-        from .allocate import allocate as make_allocation
-        from .allocate import parse_allocate
+        from ..spectral.allocate import allocate as make_allocation
+        from ..spectral.allocate import parse_allocate
 
         if allocate is not None:
             parse_allocate(allocate)  # a bad spec fails before any tensor is read

@@ -4,8 +4,10 @@ Exit codes: 0 success; 2 anything the user caused (missing, corrupt or hostile
 file, bad option, layers that could not be analysed); 1 only for our own bugs.
 User errors print one line on stderr, never a traceback.
 
-Each capability adds its commands from its own ``cli`` module, listed in
-``_COMMAND_MODULES``; such a module defines ``register(app, experiment_app)``.
+The commands of each capability live in a module of this package
+(``cli/spectral.py``, ``cli/zoo.py``, ...), listed in ``_COMMAND_MODULES``;
+such a module defines ``register(app, experiment_app)``. The capability
+packages themselves never import the command line.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ _Exit = _exception_classes("Exit")
 _Abort = _exception_classes("Abort")
 _ClickError = _exception_classes("ClickException")
 
-from .errors import UserError
+from ..errors import UserError
 
 app = typer.Typer(
     name="netanatomy",
@@ -55,12 +57,11 @@ experiment_app = typer.Typer(
 app.add_typer(experiment_app, name="experiment")
 
 _COMMAND_MODULES = (
-    "netanatomy.spectral.cli",
-    "netanatomy.banding.cli",
-    "netanatomy.branches.cli",
-    "netanatomy.dynamics.cli",
-    "netanatomy.zoo.cli",
-    "netanatomy.synthesis.cli",
+    "netanatomy.cli.spectral",
+    "netanatomy.cli.dynamics",
+    "netanatomy.cli.zoo",
+    "netanatomy.cli.synthesis",
+    "netanatomy.cli.experiment",
 )
 
 
@@ -105,7 +106,7 @@ def parse_only(only: str | None) -> list[str] | None:
 
 
 def load_model(path: str, key: str | None, layout: str):
-    from .io import load
+    from ..io import load
 
     return load(path, key=key, layout=layout)
 
@@ -154,7 +155,7 @@ def inspect(
     """List the layers of a model: name, kind, shape, groups, parameters, graph neighbours."""
     m = load_model(model, key, layout)
     if json_out:
-        from ._util import dumps
+        from .._util import dumps
 
         doc = {
             "overview": m.overview(),
@@ -205,7 +206,7 @@ def analyses() -> None:
     """List the registered analyses and their options."""
     import dataclasses
 
-    from .analysis import available_analyses, get_analysis
+    from ..analysis import available_analyses, get_analysis
 
     console = _out_console()
     for name in available_analyses():
@@ -237,8 +238,8 @@ def analyze(
 
 def run_and_write(m, names, settings, out_dir: Path, report: bool = True) -> int:
     """Run analyses on a loaded model and write every output; return the exit code."""
-    from .analysis import run_analyses
-    from .report import write_json, write_model_json, write_parquet, write_report
+    from ..analysis import run_analyses
+    from ..report import write_json, write_model_json, write_parquet, write_report
 
     err = _err_console()
     if out_dir.exists() and not out_dir.is_dir():
@@ -276,7 +277,7 @@ def demo(
     only: Optional[str] = typer.Option(None, "--only", help="Comma-separated analyses to run (default: all)."),
 ) -> None:
     """Analyse the built-in demo CNN (trained on Fashion-MNIST) and write its report."""
-    from .demo import load_demo
+    from ..demo import load_demo
 
     m = load_demo()
     raise typer.Exit(run_and_write(m, parse_only(only), {}, out))
