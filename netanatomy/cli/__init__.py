@@ -65,19 +65,8 @@ _COMMAND_MODULES = (
 )
 
 
-def _err_console():
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False, soft_wrap=True)
-
-
-def _out_console():
-    from rich.console import Console
-
-    console = Console(highlight=False, soft_wrap=True)
-    if not console.is_terminal:  # piped output: never cut layer names
-        console = Console(highlight=False, soft_wrap=True, width=240)
-    return console
+from ._common import err_console as _err_console  # noqa: E402
+from ._common import out_console as _out_console  # noqa: E402
 
 
 # ---------------------------------------------------------------------------

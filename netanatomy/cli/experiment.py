@@ -4,7 +4,6 @@ capability commands never import a study."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -18,10 +17,8 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         add(experiment_app)
 
 
-def _console():
-    from rich.console import Console
-
-    return Console(highlight=False, soft_wrap=True)
+from ._common import err_console, parse_list
+from ._common import out_console as _console
 
 
 def _command(args: list[str]) -> str | None:
@@ -90,27 +87,22 @@ def _branches(experiment_app: typer.Typer) -> None:
         """Train small two-tower CNNs and their unbranched twins on offline photos; test whether the towers specialize."""
         from dataclasses import replace
 
-        from rich.console import Console
-
         from ..experiments.branches import CONFIGS, run
 
         if config not in CONFIGS:
             raise UserError(f"unknown config {config!r} (choose {', '.join(CONFIGS)})")
         cfg = replace(CONFIGS[config], threads=threads)
         if seeds:
-            try:
-                cfg = replace(cfg, seeds=tuple(int(s) for s in seeds.split(",") if s.strip()))
-            except ValueError:
-                raise UserError(f"--seeds takes integers separated by commas, got {seeds!r}") from None
+            cfg = replace(cfg, seeds=tuple(parse_list(seeds, int, "--seeds", "integers")))
         if steps is not None:
             if steps < 1:
                 raise UserError("--steps must be at least 1")
             cfg = replace(cfg, steps=steps)
         if out.exists() and not out.is_dir():
             raise UserError(f"{out}: exists and is not a folder")
-        err = Console(stderr=True, highlight=False)
+        err = err_console()
         doc = run(cfg, out, log=lambda s: err.print(s, markup=False))
-        Console(highlight=False).print(f"wrote {out / 'branches.md'} ({len(doc['runs'])} runs, {doc['wall_seconds'] / 60:.1f} min)")
+        _console().print(f"wrote {out / 'branches.md'} ({len(doc['runs'])} runs, {doc['wall_seconds'] / 60:.1f} min)")
 
 
 def _width(experiment_app: typer.Typer) -> None:
@@ -193,10 +185,7 @@ def _synthesis(experiment_app: typer.Typer) -> None:
 
 
 def _parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise UserError(f"--seeds takes comma-separated integers >= 0, got {text!r}") from None
+    seeds = parse_list(text, int, "--seeds", "integers >= 0")
     if not seeds or any(s < 0 for s in seeds):
         raise UserError(f"--seeds takes comma-separated integers >= 0, got {text!r}")
     if len(set(seeds)) != len(seeds):

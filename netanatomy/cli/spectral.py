@@ -37,7 +37,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         out: Optional[str] = typer.Option(None, "--out", help="File for --allocate: .csv for CSV, else JSON."),
     ) -> None:
         """Spectral health of each layer: power-law alpha of the eigenvalue spectrum and friends."""
-        from rich.console import Console
+        from ._common import out_console
         from rich.table import Table
 
         from .._util import dumps
@@ -57,9 +57,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         m = load(model)
         opts = SpectralOptions(base=base, mp_fit=mp_fit, randomize=randomize, seed=seed, per_slice=per_slice,
                                spectrum=spectrum)
-        console = Console(highlight=False, soft_wrap=True)
-        if not console.is_terminal:
-            console = Console(highlight=False, soft_wrap=True, width=240)
+        console = out_console()
         if describe_only:
             rows = describe(m, opts)
             if as_json:

@@ -11,19 +11,14 @@ import typer
 from ..errors import UserError
 
 
-def _console():
-    from rich.console import Console
-
-    return Console(highlight=False, soft_wrap=True)
+from ._common import out_console as _console
+from ._common import parse_list
 
 
 def _parse_weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
-    try:
-        return [float(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise UserError(f"--weights takes comma-separated numbers, got {text!r}") from None
+    return parse_list(text, float, "--weights", "numbers")
 
 
 def _check_out(out: Path, inputs: list[str]) -> None:
