@@ -481,12 +481,13 @@ def test_experiment_pipeline_tiny(tmp_path, monkeypatch):
     if not fashion_mnist_available():
         pytest.skip("Fashion-MNIST not installed")
     tiny = E.ExperimentConfig("tiny", [E.NetConfig("mlp", 4, 16, epochs=4, train_n=256)], seeds=1, eval_n=128,
-                              plan_tau=0.3)
+                              tau=0.3)
     monkeypatch.setitem(E.CONFIGS, "tiny", tiny)
     logs = []
     s = E.run_experiment("tiny", tmp_path, log=logs.append)
     assert set(s["runs"]) == {"mlp_narrow", "mlp_wide"}
     p = s["plans"]["mlp"]
+    assert p["tau"] == 0.3  # a config's tau reaches the plan's verdicts
     assert len(p["original"]) == len(p["planned"]) == 1
     assert (tmp_path / "width_mlp_curves.png").exists() and (tmp_path / "curves_mlp.json").exists()
     assert (tmp_path / "mlp_narrow" / "width_curves.parquet").exists()

@@ -108,7 +108,7 @@ def _branches(experiment_app: typer.Typer) -> None:
 def _width(experiment_app: typer.Typer) -> None:
     @experiment_app.command("width")
     def experiment_width(
-        config: str = typer.Option("quick", "--config", help="smoke (seconds, pipeline only), quick (~25 min on 2 busy cores: MLP) or full (about an hour: MLP and CNN)."),
+        config: str = typer.Option("quick", "--config", help="smoke (seconds, pipeline only), quick (~25 min on 2 busy cores: MLP), cnn-quick (~20 min: the CNN) or full (about an hour: MLP and CNN)."),
         out: Path = typer.Option(Path("netanatomy-width-experiment"), "--out", help="Output folder."),
         seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds for the planned-vs-original comparison."),
         threads: int = typer.Option(1, "--threads", help="torch threads."),

@@ -51,8 +51,7 @@ class ExperimentConfig:
     weight_decay: float = 5e-4
     batch: int = 128
     eval_n: int = 2000
-    tau: float = 0.3
-    plan_tau: float | None = None  # tau of the verdicts the plan is made from (default: tau)
+    tau: float | None = None  # None: the rule's default constants (dynamics.rule.RuleOptions)
     plan_arch: list[str] = field(default_factory=lambda: ["mlp"])
 
 
@@ -65,12 +64,18 @@ CONFIGS = {
         plan_arch=["mlp", "cnn"],
     ),
     # what fits ~25 minutes of a shared 2-core machine: the MLP curves at full data, the
-    # planned-vs-original comparison on 10k images; tau 0.2 for the plan (see results/width.md)
+    # planned-vs-original comparison on 10k images; the rule at its default constants
     "quick": ExperimentConfig(
         "quick",
         [NetConfig("mlp", 8, 256, epochs=30, train_n=60000, plan_epochs=15, plan_train_n=10000)],
         seeds=3,
-        plan_tau=0.2,
+    ),
+    # the CNN in ~20 minutes: 12 tracked epochs on 5k images, plans compared over 3 seeds
+    "cnn-quick": ExperimentConfig(
+        "cnn-quick",
+        [NetConfig("cnn", 4, 128, epochs=12, train_n=5000, plan_epochs=8)],
+        seeds=3,
+        plan_arch=["cnn"],
     ),
     "full": ExperimentConfig(
         "full",
@@ -172,7 +177,6 @@ def run_experiment(config: str, out: Path, seeds: int | None = None, threads: in
     """Run (or finish) the experiment; runs already complete in ``out`` are reused
     when ``reuse`` (their curves and test accuracy are read back)."""
     from ..errors import UserError
-    from ..dynamics.rule import RuleOptions
     from ..dynamics.tracker import WidthTracker
     from ..dynamics.width import analyze_record
 
@@ -214,7 +218,7 @@ def run_experiment(config: str, out: Path, seeds: int | None = None, threads: in
                 rec = tracker.record()
                 seconds = time.time() - t0
                 atomic_write_text(done, dumps({"test_acc": acc, "seconds": seconds, "width": width}))
-            analysis = analyze_record(rec, RuleOptions(tau=cfg.tau))
+            analysis = analyze_record(rec, _rule_options(cfg))
             runs[label] = (model, rec, analysis)
             rows = {r["layer"]: r for r in analysis.layers}
             summary["runs"][f"{net.arch}_{label}"] = {
@@ -247,6 +251,12 @@ def run_experiment(config: str, out: Path, seeds: int | None = None, threads: in
     return summary
 
 
+def _rule_options(cfg: ExperimentConfig):
+    from ..dynamics.rule import RuleOptions
+
+    return RuleOptions() if cfg.tau is None else RuleOptions(tau=cfg.tau)
+
+
 def _save_figures(out: Path, arch: str, runs: dict) -> None:
     from ..plots import _mpl
     from ..dynamics.report import plot_sign_changes, plot_variance_curves
@@ -269,13 +279,8 @@ def _compare_plan(net: NetConfig, cfg: ExperimentConfig, data, narrow_run, out: 
     from ..dynamics.plan import make_plan
     from ..dynamics.rebuild import apply_plan, count_flops, count_params
 
-    from ..dynamics.rule import RuleOptions
-    from ..dynamics.width import analyze_record
-
     _, rec, analysis = narrow_run
-    tau = cfg.plan_tau if cfg.plan_tau is not None else cfg.tau
-    if tau != cfg.tau:
-        analysis = analyze_record(rec, RuleOptions(tau=tau))
+    tau = _rule_options(cfg).tau
     plan = make_plan(analysis, rec.meta)
     atomic_write_text(out / f"plan_{net.arch}.json", dumps(plan, indent=1))
     example = data[2][:1]
