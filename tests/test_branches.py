@@ -515,3 +515,20 @@ def test_analyze_cli_bad_option(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "correction" in err and "Traceback" not in err
+
+
+def test_experiment_smoke_config_runs(tmp_path):
+    """The smoke configuration of ``netanatomy experiment branches`` runs end to end on the offline photos."""
+    from netanatomy.cli import main
+    from netanatomy.experiments.branches import CONFIGS, photo_paths
+
+    if len(photo_paths()) < 4:
+        pytest.skip("the offline photographs (Debian wallpaper packages) are not installed")
+    cfg = CONFIGS["smoke"]
+    assert cfg.short_side * 0.2 >= cfg.crop  # the held-out strip of a square photo holds one crop
+    out = tmp_path / "br"
+    with pytest.raises(SystemExit) as exc:
+        main(["experiment", "branches", "--config", "smoke", "--out", str(out)])
+    assert exc.value.code == 0
+    doc = json.loads((out / "branches_runs.json").read_text())
+    assert len(doc["runs"]) == 2 and (out / "branches.md").is_file()

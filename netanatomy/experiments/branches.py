@@ -69,7 +69,7 @@ class Config:
 
 
 CONFIGS = {
-    "smoke": Config(name="smoke", seeds=(0,), steps=20, batch=16, short_side=64, test_crops=64, c1=8, c2=8, c3=8),
+    "smoke": Config(name="smoke", seeds=(0,), steps=20, batch=16, short_side=176, test_crops=64, c1=8, c2=8, c3=8),
     # quick fits ~20 minutes of one shared core; full is the run to do on a free machine
     "quick": Config(name="quick", seeds=(0, 1, 2), steps=1000, c2=32, c3=32),
     "full": Config(name="full", seeds=tuple(range(10)), steps=4000),
