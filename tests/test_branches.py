@@ -520,11 +520,11 @@ def test_analyze_cli_bad_option(tmp_path, capsys):
 def test_experiment_smoke_config_runs(tmp_path):
     """The smoke configuration of ``netanatomy experiment branches`` runs end to end on the offline photos."""
     from netanatomy.cli import main
-    from netanatomy.experiments.branches import CONFIGS, photo_paths
+    from netanatomy.experiments.branches import CONFIGS, load_photos
 
-    if len(photo_paths()) < 4:
-        pytest.skip("the offline photographs (Debian wallpaper packages) are not installed")
     cfg = CONFIGS["smoke"]
+    if len(load_photos(cfg.short_side)[0]) < 4:
+        pytest.skip("fewer than 4 offline photographs (wallpaper packages, scikit-image)")
     assert cfg.short_side * 0.2 >= cfg.crop  # the held-out strip of a square photo holds one crop
     out = tmp_path / "br"
     with pytest.raises(SystemExit) as exc:
