@@ -73,6 +73,9 @@ CONFIGS = {
     # quick fits ~20 minutes of one shared core; full is the run to do on a free machine
     "quick": Config(name="quick", seeds=(0, 1, 2), steps=1000, c2=32, c3=32),
     "full": Config(name="full", seeds=tuple(range(10)), steps=4000),
+    # the feasibility design recorded in DESIGN.md (combined p 5e-4 over 4 seeds there):
+    # colour crops only, 3000 steps; five seeds
+    "towers": Config(name="towers", seeds=(0, 1, 2, 3, 4), steps=3000, grey_share=0.0),
 }
 
 
