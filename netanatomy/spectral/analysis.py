@@ -77,9 +77,10 @@ class SpectralOptions:
     base: str | None = None  # path of a base model: analyse W - W_base, layers matched by name
     keep_spectra: bool = True  # keep eigenvalues in result.extras for pictures
     # "full": every eigenvalue (Gram + eigvalsh); "partial": the top of the spectrum
-    # only (block subspace iteration), extended until the fit's xmin lies well inside it
+    # only (randomized block Krylov iteration), extended until the fit's xmin lies well inside it
     spectrum: Literal["full", "partial"] = "full"
-    partial_margin: float = 0.2  # partial: xmin must lie above this fraction of the complete part
+    partial_margin: float = 0.2  # partial: xmin must lie above this fraction of the converged part
+    partial_min_size: int = 1024  # partial: matrices with a smaller side up to this get every eigenvalue
     hill_xmin_pos: float = 2.0  # PL_Alpha_Hill: the tail is the top n - floor(n / hill_xmin_pos) values
 
 
@@ -197,19 +198,23 @@ def spectral_row(
 
 def _partial(batch: torch.Tensor, options: SpectralOptions, precision: str, device) -> Spectrum:
     """The top of the spectrum, extended until the power-law fit's xmin lies above
-    the lowest ``partial_margin`` of the complete part and two successive sizes
-    (k and 2k eigenvalues per matrix) give the same xmin: a lower xmin, outside
-    the computed part, would have shown up as the part grew."""
-    seen: list[float] = []
+    the lowest ``partial_margin`` of the converged part and the fit on the top
+    half of that part picks the same xmin (a lower xmin, outside the computed
+    part, would have shown up as a change between the two). Matrices whose
+    smaller side is at most ``partial_min_size`` get the whole spectrum: it costs
+    little there, and on small matrices the tail is often most of the spectrum,
+    where a top-only fit can settle on a wrong xmin."""
+    if min(batch.shape[1:]) <= options.partial_min_size:
+        return spectrum_of(batch, precision, device)
 
     def accept(sp: Spectrum) -> bool:
         fit, ev = _fit_values(sp, options)
-        inside = fit.ok and fit.n_tail <= (1.0 - options.partial_margin) * ev.size
-        same = inside and bool(seen) and math.isclose(seen[-1], fit.xmin, rel_tol=1e-6)
-        seen.append(fit.xmin if inside else math.nan)
-        return same
+        if not (fit.ok and fit.n_tail <= (1.0 - options.partial_margin) * ev.size):
+            return False
+        half = fit_power_law(ev[ev.size // 2 :], min_tail=options.min_tail, ks=options.ks)
+        return half.ok and math.isclose(half.xmin, fit.xmin, rel_tol=1e-6)
 
-    return partial_spectrum_of(batch, accept, precision, device, start=1.0 / 64)
+    return partial_spectrum_of(batch, accept, precision, device)
 
 
 def _slice_labels(kernel: tuple[int, ...]) -> list[str]:
@@ -247,6 +252,8 @@ class SpectralAnalysis(Analysis):
         if options.spectrum == "partial" and (options.mp_fit or options.randomize or options.per_slice):
             raise UserError("esd.spectrum=partial computes the top of the spectrum only; mp_fit, randomize and "
                             "per_slice need the full spectrum")
+        if options.partial_min_size < 0:
+            raise UserError(f"esd.partial_min_size must be >= 0, not {options.partial_min_size!r}")
         if not (0.0 <= options.partial_margin < 1.0):
             raise UserError(f"esd.partial_margin must lie in [0, 1), not {options.partial_margin!r}")
         base = None

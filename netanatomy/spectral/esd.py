@@ -220,7 +220,7 @@ def spectrum_of(
 
 
 # ---------------------------------------------------------------------------
-# partial spectra: the top of the spectrum by block subspace iteration
+# partial spectra: the top of the spectrum by randomized block subspace iteration
 
 
 def gram_matrix(mat: torch.Tensor, dtype: torch.dtype, device=None, block_elems: int = 1 << 24) -> torch.Tensor:
@@ -238,25 +238,82 @@ def gram_matrix(mat: torch.Tensor, dtype: torch.dtype, device=None, block_elems:
     return g
 
 
-def top_eigvalsh(g: torch.Tensor, k: int, iters: int = 8, oversample: float = 1.0, seed: int = 0) -> torch.Tensor:
-    """The ``k`` largest eigenvalues (ascending) of a symmetric PSD matrix by
-    block subspace iteration with a Rayleigh-Ritz step (Halko, Martinsson & Tropp
-    2011, Alg. 4.4 with ``iters`` power steps); the block is ``k`` plus
-    ``oversample * k`` (at least 10) extra columns, so the k-th value converges
-    at the rate of the gap to the block's last one. Falls back to the full
-    ``eigvalsh`` when the block would be a third of the matrix or more."""
-    M = g.shape[0]
-    b = min(M, k + max(10, int(math.ceil(oversample * k))))
-    if 3 * b >= M:
-        return torch.linalg.eigvalsh(g)[-k:].clamp_min(0)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(M, b, generator=gen, dtype=g.dtype).to(g.device)
-    q, _ = torch.linalg.qr(g @ q)
-    for _ in range(iters):
-        q, _ = torch.linalg.qr(g @ q)
-    t = q.T @ (g @ q)
-    ev = torch.linalg.eigvalsh((t + t.T) / 2)
-    return ev[-k:].clamp_min(0)
+class BlockKrylov:
+    """Randomized block Krylov iteration for the top squared singular values of
+    one (rows, cols) matrix, on the matrix itself, with no Gram matrix (Musco &
+    Musco 2015; block Lanczos with full reorthogonalisation).
+
+    The basis ``Q = [Q_0, Q_1, ...]`` of the Krylov space of ``W^T W`` grows by one
+    block of ``block`` orthonormal vectors each :meth:`step`; the products
+    ``Y_j = W Q_j`` are kept, so ``W Q = [Y_0, Y_1, ...]`` and the Ritz values (the
+    squared singular values of ``W Q``, descending: the eigenvalues of the small
+    matrix ``(W Q)^T (W Q)``, kept in float64 and grown by one block row a step)
+    come without another product with W. They only grow towards the true values as the space grows; the
+    leading ones whose relative change from one step to the next is at most
+    ``tol`` count as converged. A step costs two products with W (4 N M b flops),
+    the new block row of ``(W Q)^T (W Q)`` and its eigenvalues; the exact spectrum costs the
+    Gram matrix (N M^2) plus a full eigendecomposition."""
+
+    def __init__(self, mat: torch.Tensor, block: int, dtype: torch.dtype = torch.float32, device=None,
+                 seed: int = 0, tol: float = 1e-5):
+        w = mat.to(device=device, dtype=dtype)
+        self.w = w.T if w.shape[0] < w.shape[1] else w  # (N, M): the Krylov space lives on the smaller side
+        M = self.w.shape[1]
+        self.block = max(1, min(block, M))
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        x = torch.randn(M, self.block, generator=gen, dtype=dtype).to(self.w.device)
+        self._next, _ = torch.linalg.qr(x)
+        self._q: list[torch.Tensor] = []
+        self._y: list[torch.Tensor] = []  # float64 copies of W Q_j
+        self._gram = torch.zeros(0, 0, dtype=torch.float64, device=self.w.device)  # (W Q)^T (W Q)
+        self.tol = tol
+        self.values: torch.Tensor | None = None  # Ritz values, descending (float64, CPU)
+        self.converged = 0
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the Krylov space so far."""
+        return len(self._q) * self.block
+
+    def step(self) -> int:
+        """Add one block to the space; returns the converged prefix length."""
+        q = self._next
+        y = self.w @ q
+        y64 = y.to(torch.float64)
+        cross = torch.cat(self._y, 1).T @ y64 if self._y else y64[:, :0].T @ y64
+        d = self._gram.shape[0]
+        g = torch.zeros(d + y.shape[1], d + y.shape[1], dtype=torch.float64, device=y.device)
+        g[:d, :d] = self._gram
+        g[:d, d:] = cross
+        g[d:, :d] = cross.T
+        g[d:, d:] = y64.T @ y64
+        self._gram = g
+        self._q.append(q)
+        self._y.append(y64)
+        vals = torch.linalg.eigvalsh(g).flip(0).clamp_min(0).cpu()
+        if self.values is not None:
+            old = self.values
+            n = old.numel()
+            rel = (vals[:n] - old).abs() / vals[:n].clamp_min(torch.finfo(torch.float64).tiny)
+            self.converged = int((rel <= self.tol).to(torch.int64).cumprod(0).sum())
+        self.values = vals
+        z = self.w.T @ y
+        basis = torch.cat(self._q, 1)
+        for _ in range(2):  # classical Gram-Schmidt, twice, against the whole basis
+            z = z - basis @ (basis.T @ z)
+        self._next, _ = torch.linalg.qr(z)
+        return self.converged
+
+
+def top_sq_singular_values(mat: torch.Tensor, k: int, dtype: torch.dtype = torch.float32, device=None,
+                           seed: int = 0, tol: float = 1e-5, block: int = 32, max_dim: int | None = None) -> BlockKrylov:
+    """Run :class:`BlockKrylov` until the top ``k`` have converged (or the space
+    reaches ``max_dim``, default a third of the smaller side)."""
+    it = BlockKrylov(mat, block, dtype, device, seed, tol)
+    cap = max_dim if max_dim is not None else max(it.block, min(mat.shape) // 3)
+    while it.step() < k and it.dim + it.block <= cap:
+        pass
+    return it
 
 
 def partial_spectrum_of(
@@ -264,41 +321,51 @@ def partial_spectrum_of(
     accept,
     precision: str = "auto",
     device=None,
-    start: float = 0.125,
-    min_top: int = 32,
-    iters: int = 8,
+    block: int = 32,
+    tol: float = 1e-4,
+    min_ready: int = 16,
+    max_fraction: float = 1.0 / 8.0,
 ) -> Spectrum:
     """The top of the pooled ESD of a (count, rows, cols) batch, extended until
     ``accept(spectrum)`` is true (the caller checks that its fit's xmin lies well
     inside the computed part) or the whole spectrum is computed.
 
-    Starts with the top ``max(min_top, start * M)`` eigenvalues of each matrix and
-    doubles. ``boundary`` is the largest of the matrices' smallest computed
-    eigenvalues: at and above it the pooled spectrum is complete. The squared
-    Frobenius norm comes from the weights, so trace-like sums stay exact."""
+    One :class:`BlockKrylov` per matrix (``block`` vectors a step, at least
+    M / 128); after each step, once every matrix has at least ``min_ready``
+    converged values, the converged prefixes form the spectrum offered to
+    ``accept``. When the space would exceed ``max_fraction`` of the smaller side
+    the whole spectrum is computed instead (Gram + eigvalsh): at M / 8 the steps
+    so far have cost about half the exact computation (4 N M^2 / 8 flops against
+    N M^2 for the Gram matrix plus the eigendecomposition), so a layer that
+    needs its whole spectrum costs at most about 1.5x exact. ``boundary`` is the
+    largest of the matrices' smallest computed values: at and above it the pooled
+    spectrum is complete. ``extensions`` counts the steps. The squared Frobenius
+    norm comes from the weights, so trace-like sums stay exact."""
     count, a, b = batch.shape
     N, M = max(a, b), min(a, b)
     prec = choose_precision(tuple(batch.shape), precision)
     dtype = torch.float32 if prec == "float32" else torch.float64
-    dev = device if device is not None else None
-    grams = [gram_matrix(batch[i], dtype, dev) for i in range(count)]
     fro2 = frobenius2(batch)
-    k = min(M, max(int(min_top), int(math.ceil(start * M))))
-    ext = 0
-    while True:
-        if k >= M:
-            ev = torch.stack([torch.linalg.eigvalsh(g).clamp_min(0) for g in grams]).to(torch.float64).cpu()
-        else:
-            ev = torch.stack([top_eigvalsh(g, k, iters=iters, seed=i) for i, g in enumerate(grams)]).to(torch.float64).cpu()
-        ev = (ev / N).numpy()
-        sp = Spectrum(evals=np.sort(ev.reshape(-1)), N=N, M=M, count=count, fro2=fro2, precision=prec,
-                      computed=min(k, M), boundary=float(ev[:, 0].max()) if k < M else 0.0, extensions=ext)
-        if k >= M or accept(sp):
-            if k >= M:
-                sp.computed = M
-            return sp
-        k = min(M, 2 * k)
-        ext += 1
+    blk = max(int(block), int(math.ceil(M / 128)))
+    cap = max_fraction * M
+    its = [BlockKrylov(batch[i], blk, dtype, device, seed=i, tol=tol) for i in range(count)] if 2 * blk <= cap else []
+    steps = 0
+    last = -1
+    while its and its[0].dim + blk <= cap:
+        done = min(it.step() for it in its)
+        steps += 1
+        if done >= min(min_ready, M) and done != last:
+            last = done
+            per = [it.values[:done].numpy() / N for it in its]
+            sp = Spectrum(evals=np.sort(np.concatenate(per)), N=N, M=M, count=count, fro2=fro2,
+                          precision=prec, computed=done, boundary=float(max(p[-1] for p in per)),
+                          extensions=steps)
+            if accept(sp):
+                return sp
+    del its
+    ev = gram_eigvalsh(batch, dtype, device).to(torch.float64)
+    return Spectrum(evals=np.sort((ev / N).numpy().reshape(-1)), N=N, M=M, count=count, fro2=fro2,
+                    precision=prec, computed=M, boundary=0.0, extensions=steps)
 
 
 def frobenius2(batch: torch.Tensor, chunk_elems: int = 1 << 22) -> float:
