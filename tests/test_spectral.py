@@ -368,3 +368,24 @@ def test_depthwise_conv_uses_the_reshaped_matrix():
     assert (r["N"], r["M"], r["slices"]) == (12, 9, 1)
     d = describe(m)[0]
     assert (d["N"], d["M"], d["slices"]) == (12, 9, 1)
+
+
+def test_own_nelder_mead_matches_scipy_and_tail_p_values_match_scipy_stats():
+    from scipy import optimize, stats
+
+    from netanatomy.spectral.powerlaw import nelder_mead
+
+    def f(p):
+        return 3 * (p[0] - 1.3) ** 2 + (p[1] + 2) ** 2 + 0.5 * p[0] * p[1] + 0.1 * p[0] ** 4
+
+    for x0 in ([2.0, -5.0], [0.0, 0.0], [10.0, 3.0]):
+        ref = optimize.minimize(f, x0, method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-7, "maxiter": 1000})
+        x, fx = nelder_mead(f, x0, xatol=1e-4, fatol=1e-7, maxiter=1000)
+        assert fx == pytest.approx(ref.fun, abs=1e-7)
+        assert np.allclose(x, ref.x, atol=1e-3)
+    # the tail comparison's p-values: chi^2(1) and normal tails from math.erfc
+    rng = np.random.default_rng(0)
+    x = np.sort(rng.pareto(1.5, 3000) + 1.0) * np.exp(-rng.exponential(0.001, 3000))
+    c = compare_tail(x, fit_power_law(x))
+    assert c.p_tpl == pytest.approx(float(stats.chi2.sf(-2.0 * c.R_tpl, df=1)), rel=1e-9, abs=1e-300)
+    assert c.p_exp == pytest.approx(float(2 * stats.norm.sf(abs(c.R_exp))), rel=1e-9, abs=1e-300)

@@ -261,11 +261,9 @@ class SpectralAnalysis(Analysis):
             from ..io import load
 
             base = load(options.base)
-        # import the fit's scipy modules once here, not under the GIL in every worker
+        # import the Gram product's BLAS once here, not under the GIL in every worker
+        # (the fits and tail comparisons need no scipy: powerlaw.py)
         import scipy.linalg.blas  # noqa: F401
-        import scipy.optimize  # noqa: F401
-        import scipy.special  # noqa: F401
-        import scipy.stats  # noqa: F401
 
         return SpectralRun(model, default_device(), base)
 

@@ -172,13 +172,70 @@ def _tpl_log_norm(alpha: float, lam: float, xmin: float) -> float:
     return mx + math.log(val) + (1.0 - alpha) * math.log(xmin) - c
 
 
+def nelder_mead(f, x0, xatol: float = 1e-4, fatol: float = 1e-7, maxiter: int = 1000) -> tuple[np.ndarray, float]:
+    """Minimise ``f`` over R^n by the Nelder-Mead simplex (standard coefficients:
+    reflection 1, expansion 2, contraction 0.5, shrink 0.5), with the initial
+    simplex and the stopping rule of SciPy's ``method="Nelder-Mead"`` (each vertex
+    moves one coordinate of x0 by 5 %, or by 0.00025 where it is zero; stop when
+    every vertex lies within ``xatol`` and every value within ``fatol`` of the
+    best). Here so that the tail comparison does not import scipy.optimize (about
+    a second of every ``analyze`` process) for a two-parameter fit."""
+    x0 = np.asarray(x0, dtype=np.float64)
+    n = x0.size
+    sim = np.empty((n + 1, n))
+    sim[0] = x0
+    for i in range(n):
+        y = x0.copy()
+        y[i] = 1.05 * y[i] if y[i] != 0 else 0.00025
+        sim[i + 1] = y
+    fs = np.array([f(v) for v in sim])
+    evals = n + 1
+    for _ in range(maxiter):
+        order = np.argsort(fs, kind="stable")
+        sim, fs = sim[order], fs[order]
+        if np.max(np.abs(sim[1:] - sim[0])) <= xatol and np.max(np.abs(fs[0] - fs[1:])) <= fatol:
+            break
+        if evals >= 200 * n * 10:
+            break
+        centre = sim[:-1].mean(axis=0)
+        xr = centre + (centre - sim[-1])
+        fr = f(xr)
+        evals += 1
+        if fr < fs[0]:
+            xe = centre + 2.0 * (centre - sim[-1])
+            fe = f(xe)
+            evals += 1
+            sim[-1], fs[-1] = (xe, fe) if fe < fr else (xr, fr)
+            continue
+        if fr < fs[-2]:
+            sim[-1], fs[-1] = xr, fr
+            continue
+        if fr < fs[-1]:  # outside contraction
+            xc = centre + 0.5 * (xr - centre)
+            fc = f(xc)
+            evals += 1
+            if fc <= fr:
+                sim[-1], fs[-1] = xc, fc
+                continue
+        else:  # inside contraction
+            xc = centre + 0.5 * (sim[-1] - centre)
+            fc = f(xc)
+            evals += 1
+            if fc < fs[-1]:
+                sim[-1], fs[-1] = xc, fc
+                continue
+        sim[1:] = sim[0] + 0.5 * (sim[1:] - sim[0])  # shrink towards the best
+        fs[1:] = [f(v) for v in sim[1:]]
+        evals += n
+    k = int(np.argmin(fs))
+    return sim[k], float(fs[k])
+
+
 def _ll_truncated_power_law(x: np.ndarray, xmin: float, alpha0: float) -> tuple[np.ndarray, float, float]:
     """MLE of p(x) ~ x^-alpha e^(-lam x) on [xmin, inf); returns (loglik per point, alpha, lam).
 
     Nelder-Mead over (alpha, log lam), started from the power law (tiny lam) and
     from a few cutoffs inside the data range; two parameters need nothing more."""
-    from scipy import optimize
-
     lx = np.log(x)
     sx = float(np.sum(x))
     slx = float(np.sum(lx))
@@ -198,11 +255,10 @@ def _ll_truncated_power_law(x: np.ndarray, xmin: float, alpha0: float) -> tuple[
     best = None
     # the ratio needs the optimum to ~1e-6 in log-likelihood, not the parameters exactly
     for a0, l0 in ((alpha0, 1e-3 / span), (max(0.5, alpha0 - 1.0), 1.0 / span)):
-        r = optimize.minimize(nll, x0=[a0, math.log(l0)], method="Nelder-Mead",
-                              options={"xatol": 1e-4, "fatol": 1e-7, "maxiter": 1000})
-        if best is None or r.fun < best.fun:
+        r = nelder_mead(nll, [a0, math.log(l0)], xatol=1e-4, fatol=1e-7, maxiter=1000)
+        if best is None or r[1] < best[1]:
             best = r
-    alpha, loglam = best.x
+    alpha, loglam = best[0]
     lam = math.exp(loglam)
     z = _tpl_log_norm(alpha, lam, xmin)
     return -alpha * lx - lam * x - z, float(alpha), float(lam)
@@ -224,8 +280,9 @@ class TailComparison:
 
 def compare_tail(evals, fit: PowerLawFit, p_threshold: float = 0.1) -> TailComparison:
     """Power law vs truncated power law (nested: Wilks' chi^2 with one degree of
-    freedom) and vs exponential (non-nested: Vuong's normalised ratio)."""
-    from scipy import special, stats
+    freedom) and vs exponential (non-nested: Vuong's normalised ratio). The
+    chi^2(1) tail is erfc(sqrt(q / 2)) and the normal one erfc(|z| / sqrt(2)),
+    from the standard library: no scipy import on the default path."""
 
     out = TailComparison()
     if not fit.ok or fit.n_tail < 3:
@@ -240,7 +297,7 @@ def compare_tail(evals, fit: PowerLawFit, p_threshold: float = 0.1) -> TailCompa
     R = float(np.sum(ll_pl) - np.sum(ll_tpl))
     R = min(R, 0.0)
     out.R_tpl = R
-    out.p_tpl = float(stats.chi2.sf(-2.0 * R, df=1))
+    out.p_tpl = math.erfc(math.sqrt(max(-2.0 * R, 0.0) / 2.0))
 
     diff = ll_pl - ll_exp
     if np.all(np.isfinite(diff)):
@@ -248,7 +305,7 @@ def compare_tail(evals, fit: PowerLawFit, p_threshold: float = 0.1) -> TailCompa
         n = diff.size
         if sd > 0:
             out.R_exp = float(np.sum(diff) / (math.sqrt(n) * sd))
-            out.p_exp = float(special.erfc(abs(out.R_exp) / math.sqrt(2.0)))
+            out.p_exp = math.erfc(abs(out.R_exp) / math.sqrt(2.0))
 
     best = "power_law"
     if out.p_tpl < p_threshold:
