@@ -138,26 +138,26 @@ def _real_curves():
 
 
 def test_rule_on_real_curves():
-    """The experiment's real curves (results/width_curves_*.json, Fashion-MNIST MLP
-    784-256-X-128-10, 30 epochs, SGD lr 0.05 wd 5e-4): the wide middle layer reads IS,
-    the narrow one rises, peaks early and falls to about 0.72 of its peak (DS at the default
-    constants). The output layers' curves are small in absolute terms; the rule is
-    scale-invariant, so their amplitude is no reason to call them undecided and they are
-    not asserted here."""
+    """The experiments' real curves (results/width_curves_*.json, Fashion-MNIST; MLP
+    784-256-X-128-10 for 30 epochs, CNN conv-pool-convX-pool-conv-GAP-FC for 12):
+    at the default constants the wide middle layer reads IS and the narrow one,
+    which rises, peaks and falls, reads DS. The output layers (width fixed by the
+    task) are not asserted: their small early bump reads DS in some runs."""
     curves = _real_curves()
-    if "mlp_narrow/fc2" not in curves:
-        pytest.skip("no MLP curves")
-    n, w = curves["mlp_narrow/fc2"], curves["mlp_wide/fc2"]
-    assert classify_curve(w["x"], w["v"]).label == IS
-    vn = classify_curve(n["x"], n["v"])
-    assert vn.label == DS
-    assert vn.t_peak <= 10
-    vw = classify_curve(w["x"], w["v"])
-    assert vn.final / vn.peak < vw.final / vw.peak - 0.15
-    # every wide layer reads IS at the default tau
-    for key, c in curves.items():
-        if key.startswith("mlp_wide/") and not key.endswith("/out"):
-            assert classify_curve(c["x"], c["v"]).label == IS, key
+    nets = [(a, m) for a, m in (("mlp", "fc2"), ("cnn", "conv2")) if f"{a}_narrow/{m}" in curves]
+    if not nets:
+        pytest.skip("no experiment curves")
+    for arch, middle in nets:
+        n, w = curves[f"{arch}_narrow/{middle}"], curves[f"{arch}_wide/{middle}"]
+        vw = classify_curve(w["x"], w["v"])
+        vn = classify_curve(n["x"], n["v"])
+        assert vw.label == IS and vn.label == DS, arch
+        assert vn.final / vn.peak < vw.final / vw.peak - 0.15
+        # every other hidden layer reads IS, narrow run or wide
+        for key, c in curves.items():
+            run, layer = key.split("/")
+            if run.startswith(arch + "_") and layer not in ("out", "fc") and key != f"{arch}_narrow/{middle}":
+                assert classify_curve(c["x"], c["v"]).label == IS, key
 
 
 # --------------------------------------------------------------------------- tracker
