@@ -142,3 +142,24 @@ def test_entry_point_subprocess(tmp_path, tiny_state):
     assert ok.returncode == 0 and "conv1" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "netanatomy", "inspect", str(tmp_path / "x.pt")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+
+
+def test_progress_bar_shows_counts_and_a_remaining_time():
+    import io
+
+    from rich.console import Console
+    from rich.progress import TextColumn
+
+    from netanatomy.cli._common import progress_bar
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=120, color_system=None)
+    bar = progress_bar(console, TextColumn("esd"))
+    with bar:
+        task = bar.add_task("layers", total=4)
+        for i in range(4):
+            bar.update(task, completed=i + 1)
+            bar.refresh()
+    text = console.file.getvalue()
+    assert "4/4" in text and "eta" in text
+    quiet = progress_bar(Console(file=io.StringIO()), TextColumn("esd"))  # not a terminal: disabled
+    assert quiet.disable

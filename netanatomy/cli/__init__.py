@@ -102,18 +102,11 @@ def load_model(path: str, key: str | None, layout: str):
 
 def progress_factory(console):
     """A rich progress bar per analysis (on stderr; quiet when not a terminal)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import TextColumn
 
-    progress = Progress(
-        TextColumn("[bold]{task.fields[analysis]:<9}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    )
+    from ._common import progress_bar
+
+    progress = progress_bar(console, TextColumn("[bold]{task.fields[analysis]:<9}"), TextColumn("{task.description}"))
     tasks: dict[str, int] = {}
 
     def for_analysis(name: str):

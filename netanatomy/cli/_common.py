@@ -34,3 +34,13 @@ def parse_list(text: str, convert: Callable[[str], T], option: str, kind: str) -
         return [convert(x) for x in (s.strip() for s in text.split(",")) if x]
     except ValueError:
         raise UserError(f"{option} takes comma-separated {kind}, got {text!r}") from None
+
+
+def progress_bar(console, *leading):
+    """A transient rich progress bar on ``console`` (disabled when it is not a
+    terminal): the ``leading`` columns, then bar, done/total, elapsed and the
+    remaining time estimated from the rate so far."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(*leading, BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("eta"),
+                    TimeRemainingColumn(), console=console, transient=True, disable=not console.is_terminal)

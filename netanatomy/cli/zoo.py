@@ -41,11 +41,11 @@ def _ints(value: str, name: str) -> tuple:
 
 def _progress(label: str):
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import TextColumn
 
-    console = Console(stderr=True)
-    prog = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console,
-                    transient=True, disable=not console.is_terminal)
+    from ._common import progress_bar
+
+    prog = progress_bar(Console(stderr=True), TextColumn(label))
     state: dict = {}
 
     def cb(done: int, total: int) -> None:
