@@ -95,3 +95,27 @@ def test_report_renders_in_chromium_without_console_errors(tmp_path):
     assert console == []
     assert "Model overview" in dom and "Weight statistics" in dom
     assert dom.count("<section") >= 2
+
+
+def test_parquet_columns_keep_types_and_turn_mixed_values_into_text(tmp_path):
+    import math
+
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from netanatomy.report.writers import records_table
+
+    recs = [
+        {"layer": "a", "alpha": np.float64(1.5), "n": np.int64(3), "shape": [4, 5], "mix": 1.0, "ok": True},
+        {"layer": "b", "alpha": math.nan, "n": None, "shape": {"k": 1}, "mix": "text", "ok": np.bool_(False), "late": 2},
+    ]
+    table = records_table(recs)
+    types = {f.name: str(f.type) for f in table.schema}
+    assert types == {"layer": "string", "alpha": "double", "n": "int64", "shape": "string", "mix": "string",
+                     "ok": "bool", "late": "int64"}
+    pq.write_table(table, tmp_path / "r.parquet")
+    df = pd.read_parquet(tmp_path / "r.parquet")
+    assert list(df["layer"]) == ["a", "b"] and df["alpha"][0] == 1.5 and math.isnan(df["alpha"][1])
+    assert list(df["shape"]) == ["[4, 5]", '{"k": 1}'] and list(df["mix"]) == ["1.0", "text"]
+    assert math.isnan(df["late"][0]) and df["late"][1] == 2

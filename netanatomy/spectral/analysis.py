@@ -261,10 +261,9 @@ class SpectralAnalysis(Analysis):
             from ..io import load
 
             base = load(options.base)
-        # import the Gram product's BLAS once here, not under the GIL in every worker
-        # (the fits and tail comparisons need no scipy: powerlaw.py)
-        import scipy.linalg.blas  # noqa: F401
-
+        # no scipy here: the fits need none (powerlaw.py), and the Gram product's
+        # BLAS (scipy.linalg, 0.3 s to import) is imported by the first layer large
+        # enough to use it (esd._syrk_gram)
         return SpectralRun(model, default_device(), base)
 
     def layer_workers(self, layers: list[Layer], options: SpectralOptions, context: SpectralRun) -> int:
