@@ -347,3 +347,8 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path, files, capsys, case, 
     code, _, err = run(["merge", *args], capsys)
     assert_one_line_error(code, err, match)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_trim_breaks_ties_at_the_cut_by_position():
+    assert torch.equal(trim(T([1.0, -2.0, 2.0, 2.0, 0.5]), 0.4), T([0.0, -2.0, 2.0, 0.0, 0.0]))
+    assert torch.equal(trim(torch.zeros(4), 0.5), torch.zeros(4))

@@ -182,18 +182,22 @@ def tensor_seed(seed: int, name: str, member: int) -> int:
 def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     """``tau`` with all but its ``ceil(density * n)`` largest-magnitude entries set to zero.
 
-    Equal magnitudes are ranked by position (a stable sort), so the result is
-    deterministic.
+    Equal magnitudes at the cut are taken in order of position, so exactly that
+    many entries are kept and the result is deterministic.
     """
     n = tau.numel()
     k = max(1, math.ceil(round(density * n, 6)))
     if k >= n:
         return tau
     flat = tau.reshape(-1)
-    idx = torch.sort(flat.abs(), descending=True, stable=True).indices[:k]
-    out = torch.zeros_like(flat)
-    out[idx] = flat[idx]
-    return out.reshape(tau.shape)
+    mag = flat.abs()
+    cut = mag.kthvalue(n - k + 1).values  # the k-th largest magnitude
+    keep = mag > cut
+    short = k - int(keep.sum())
+    if short > 0:
+        keep[(mag == cut).nonzero().squeeze(1)[:short]] = True
+    del mag
+    return (flat * keep).reshape(tau.shape)
 
 
 def dare_drop(tau: torch.Tensor, p: float, generator: torch.Generator, rescale: bool = True) -> torch.Tensor:
