@@ -352,3 +352,6 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path, files, capsys, case, 
 def test_trim_breaks_ties_at_the_cut_by_position():
     assert torch.equal(trim(T([1.0, -2.0, 2.0, 2.0, 0.5]), 0.4), T([0.0, -2.0, 2.0, 0.0, 0.0]))
     assert torch.equal(trim(torch.zeros(4), 0.5), torch.zeros(4))
+    # a transposed (non-contiguous) tensor is trimmed like its contiguous copy, and left as it was
+    x = T([[0.1, 4.0], [-5.0, 0.2]]).t()
+    assert torch.equal(trim(x, 0.5), T([[0.0, -5.0], [4.0, 0.0]])) and torch.equal(x, T([[0.1, -5.0], [4.0, 0.2]]))

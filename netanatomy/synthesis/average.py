@@ -257,6 +257,7 @@ def _stream_out(out, plan: _Plan, meta: dict[str, str], items, keep: bool) -> tu
             writer.write(k, t)
             if keep:
                 tensors[k] = t
+            del t  # not alive while the next tensor is computed
     return writer.result(), tensors
 
 

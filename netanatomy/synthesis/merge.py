@@ -185,19 +185,34 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     Equal magnitudes at the cut are taken in order of position, so exactly that
     many entries are kept and the result is deterministic.
     """
-    n = tau.numel()
-    k = max(1, math.ceil(round(density * n, 6)))
-    if k >= n:
-        return tau
-    flat = tau.reshape(-1)
-    mag = flat.abs()
-    cut = mag.kthvalue(n - k + 1).values  # the k-th largest magnitude
-    keep = mag > cut
+    k = kept_count(tau.numel(), density)
+    out = tau.clone(memory_format=torch.contiguous_format)
+    return out if k >= tau.numel() else _apply_cut_(out, magnitude_cut(tau, k), k)
+
+
+def kept_count(n: int, density: float) -> int:
+    """How many of ``n`` entries TIES keeps at ``density``: ``ceil(density * n)``, at least 1."""
+    return max(1, math.ceil(round(density * n, 6)))  # round: 0.07 * 100 is 7.000000000000001
+
+
+def magnitude_cut(tau: torch.Tensor, k: int) -> float:
+    """The ``k``-th largest magnitude in ``tau`` (numpy's in-place partition: linear
+    time, one copy of the magnitudes, no sorted copy or index tensor)."""
+    mag = tau.detach().reshape(-1).abs().double().numpy()
+    mag.partition(mag.size - k)
+    return float(mag[mag.size - k])
+
+
+def _apply_cut_(tau: torch.Tensor, cut: float, k: int) -> torch.Tensor:
+    """Zero, in place, all but the ``k`` entries of ``tau`` above ``cut`` in magnitude
+    (entries equal to ``cut`` fill the count in order of position)."""
+    flat = tau.view(-1)
+    keep = (flat > cut).logical_or_(flat < -cut)
     short = k - int(keep.sum())
     if short > 0:
-        keep[(mag == cut).nonzero().squeeze(1)[:short]] = True
-    del mag
-    return (flat * keep).reshape(tau.shape)
+        keep[(flat == cut).logical_or_(flat == -cut).nonzero().squeeze(1)[:short]] = True
+    flat.mul_(keep)
+    return tau
 
 
 def dare_drop(tau: torch.Tensor, p: float, generator: torch.Generator, rescale: bool = True) -> torch.Tensor:
@@ -220,15 +235,23 @@ def sign_consensus(taus: Callable[[], Iterable[torch.Tensor]], weights: list[flo
     elect = torch.zeros_like(like)
     for w, tau in zip(weights, taus()):
         elect.add_(tau, alpha=w)
-    sign = torch.sign(elect)
+    pos, neg = elect > 0, elect < 0
     del elect
+    # equal weights cancel in the mean: count the agreeing members in int32 instead
+    # of summing their weights in float64 (a float64 tensor less)
+    equal = len(set(weights)) == 1
     num = torch.zeros_like(like)
-    den = torch.zeros_like(like)
+    den = torch.zeros(like.shape, dtype=torch.int32) if equal else torch.zeros_like(like)
     for w, tau in zip(weights, taus()):
-        agree = (torch.sign(tau) == sign) & (tau != 0)
-        num.add_(tau.mul_(agree), alpha=w)
-        den.add_(agree, alpha=w)
-    return num.div_(den.clamp_min_(torch.finfo(torch.float64).tiny))  # where no member agrees, num is 0 too
+        agree = (tau > 0).logical_and_(pos).logical_or_((tau < 0).logical_and_(neg))
+        if equal:
+            num.add_(tau.mul_(agree))
+            den.add_(agree)
+        else:
+            num.add_(tau.mul_(agree), alpha=w)
+            den.add_(agree, alpha=w)
+        del agree, tau
+    return num.div_(den.clamp_min_(1) if equal else den.clamp_min_(torch.finfo(torch.float64).tiny))  # no agreement: num is 0 too
 
 
 def slerp_tensor(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[torch.Tensor, bool]:
@@ -373,12 +396,21 @@ def _ties(lam: float, w: list[float], densities: list[float] | None, transform=N
     live = [i for i, wi in enumerate(w) if wi > 0]
 
     def combine(k, base, member):
+        cuts: dict[int, float] = {}  # found on the first pass, reused on the second
+
         def taus():
             for i in live:
                 tau = member(i).sub_(base)
                 if transform is not None:
                     tau = transform(k, i, tau)
-                yield trim(tau, densities[i]) if densities is not None else tau
+                if densities is not None:
+                    keep = kept_count(tau.numel(), densities[i])
+                    if keep < tau.numel():
+                        if i not in cuts:
+                            cuts[i] = magnitude_cut(tau, keep)
+                        tau = _apply_cut_(tau, cuts[i], keep)
+                yield tau
+                del tau
 
         return base.add_(sign_consensus(taus, [w[i] for i in live], base), alpha=lam)
 
