@@ -7,7 +7,8 @@ temporary folder (deleted at the end), then measures, each in a fresh
 subprocess so the peaks do not mix:
 
 * streaming TIES: ``netanatomy.synthesis.ties(base, members, density)`` written
-  to disk (tensor by tensor, float64, each member read twice per tensor);
+  to disk (tensor by tensor, float64, each member read twice per tensor), and
+  again with one member only, to see that the peak does not grow with members;
 * streaming task arithmetic: ``netanatomy.synthesis.task_arithmetic``;
 * naive TIES: every file loaded fully (safetensors ``load_file``), then per key
   the task vectors stacked in float64, trimmed, sign-elected and averaged over
@@ -140,6 +141,9 @@ def main() -> None:
         print(f"python + torch after imports (baseline of every run): {mb(s['baseline'])}")
         print(f"streaming TIES (density {args.density}): peak RSS {mb(s['peak_rss'])} (above baseline: {mb(s['work'])} = "
               f"{s['work'] / size:.2f} x model size = {s['work'] / one:.1f} x one fp32 tensor); {s['seconds']:.1f} s")
+        s1 = measure("ties", args.density, tmp / "ties1.safetensors", base, members[:1])
+        print(f"streaming TIES of the base and 1 member (the peak should not depend on the number of members): "
+              f"peak RSS {mb(s1['peak_rss'])} (above baseline: {mb(s1['work'])}); {s1['seconds']:.1f} s")
         ta = measure("task_arithmetic", args.density, tmp / "ta.safetensors", base, members)
         print(f"streaming task arithmetic: peak RSS {mb(ta['peak_rss'])} (above baseline: {mb(ta['work'])} = "
               f"{ta['work'] / size:.2f} x model size = {ta['work'] / one:.1f} x one fp32 tensor); {ta['seconds']:.1f} s")
