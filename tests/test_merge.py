@@ -318,6 +318,7 @@ def test_cli_ties_matches_the_api(tmp_path, files, capsys):
         ("unknown_method", "unknown merge method"),
         ("weights_count", "1 weights for 2 members"),
         ("out_is_input", "is also an input"),
+        ("align_unsupported", "cannot align"),
     ],
 )
 def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path, files, capsys, case, match):
@@ -340,6 +341,7 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path, files, capsys, case, 
         "unknown_method": ["average", "--base", b, m0],
         "weights_count": ["task_arithmetic", "--base", b, m0, m1, "--weights", "1"],
         "out_is_input": ["task_arithmetic", "--base", b, m0, "--out", m0],
+        "align_unsupported": ["task_arithmetic", "--base", b, m0, "--align"],  # one linear layer: no hidden units
     }[case]
     if "--out" not in args:
         args = args + ["--out", out]
