@@ -38,8 +38,29 @@ from ..io import CheckpointLike, CheckpointStore, SafetensorsWriter, WrittenFile
 NON_FLOAT_POLICIES = ("last", "first", "equal")
 
 
+class _WrittenResult:
+    """What the results of averages and merges share: a method, sources, notes,
+    and maybe a written file with its hashes."""
+
+    method: str
+    sources: list[str]
+    notes: list[str]
+    written: WrittenFile | None
+
+    @property
+    def sha256(self) -> str | None:
+        return self.written.content_sha256 if self.written else None
+
+    def _summary(self, **fields) -> dict:
+        d = {"method": self.method, "checkpoints": len(self.sources), "sources": self.sources, **fields, "notes": self.notes}
+        w = self.written
+        if w is not None:
+            d.update(out=str(w.path), content_sha256=w.content_sha256, file_sha256=w.file_sha256, bytes=w.num_bytes)
+        return d
+
+
 @dataclass
-class AverageResult:
+class AverageResult(_WrittenResult):
     """What an average produced: tensors (in memory) and/or a written file."""
 
     method: str
@@ -50,27 +71,8 @@ class AverageResult:
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def sha256(self) -> str | None:
-        return self.written.content_sha256 if self.written else None
-
     def summary(self) -> dict:
-        d = {
-            "method": self.method,
-            "checkpoints": len(self.sources),
-            "sources": self.sources,
-            "weights": self.weights,
-            "tensors": len(self.counts),
-            "notes": self.notes,
-        }
-        if self.written:
-            d.update(
-                out=str(self.written.path),
-                content_sha256=self.written.content_sha256,
-                file_sha256=self.written.file_sha256,
-                bytes=self.written.num_bytes,
-            )
-        return d
+        return self._summary(weights=self.weights, tensors=len(self.counts))
 
 
 @dataclass

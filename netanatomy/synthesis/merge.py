@@ -63,7 +63,7 @@ import torch
 from .._util import atomic_write_text, dumps
 from ..errors import UserError
 from ..io import CheckpointLike, CheckpointStore, WrittenFile, file_sha256, open_store
-from .average import _cast_down, _plan, _Plan, _stream_out
+from .average import _cast_down, _plan, _Plan, _stream_out, _WrittenResult
 
 METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
 RECIPE_KEY = "netanatomy.recipe"
@@ -71,7 +71,7 @@ _PARALLEL = 1.0 - 1e-6
 
 
 @dataclass
-class MergeResult:
+class MergeResult(_WrittenResult):
     """What a merge produced: tensors (in memory) and/or a written file, and its recipe."""
 
     method: str
@@ -83,28 +83,10 @@ class MergeResult:
     merged_keys: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def sha256(self) -> str | None:
-        return self.written.content_sha256 if self.written else None
-
     def summary(self) -> dict:
-        d = {
-            "method": self.method,
-            "checkpoints": len(self.sources),
-            "sources": self.sources,
-            "params": self.recipe["params"],
-            "seed": self.recipe.get("seed"),
-            "merged_tensors": len(self.merged_keys),
-            "notes": self.notes,
-        }
-        if self.written:
-            d.update(
-                out=str(self.written.path),
-                content_sha256=self.written.content_sha256,
-                file_sha256=self.written.file_sha256,
-                bytes=self.written.num_bytes,
-                tensors=self.written.num_tensors,
-            )
+        d = self._summary(params=self.recipe["params"], seed=self.recipe.get("seed"), merged_tensors=len(self.merged_keys))
+        if self.written is not None:
+            d["tensors"] = self.written.num_tensors
         if self.recipe_path is not None:
             d["recipe"] = str(self.recipe_path)
         return d
