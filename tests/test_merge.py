@@ -22,6 +22,7 @@ from netanatomy.synthesis.merge import (
     dare_linear,
     dare_ties,
     merge,
+    model_stock,
     slerp,
     task_arithmetic,
     tensor_seed,
@@ -161,6 +162,42 @@ def test_dare_is_deterministic_per_seed_and_order_free():
 
 
 # ---------------------------------------------------------------------------
+# Model Stock
+
+
+def test_model_stock_by_hand():
+    base = {"w": T([1.0, 1.0])}
+    # task vectors [1, 0] and [1, 1]: cos = 1/sqrt(2); t = 2 cos / (1 + cos); mean task vector [1, 0.5]
+    c = 1 / math.sqrt(2)
+    t = 2 * c / (1 + c)
+    got = model_stock(base, [{"w": T([2.0, 1.0])}, {"w": T([2.0, 2.0])}]).tensors["w"]
+    assert torch.allclose(got, T([1.0 + t, 1.0 + 0.5 * t]))
+    # parallel task vectors: cos 1, t 1: the members' mean
+    assert torch.allclose(model_stock(base, [{"w": T([2.0, 1.0])}, {"w": T([3.0, 1.0])}]).tensors["w"], T([2.5, 1.0]))
+    # three orthogonal task vectors: cos 0, t 0: the base
+    base3 = {"w": torch.zeros(3)}
+    res = model_stock(base3, [{"w": T([1.0, 0.0, 0.0])}, {"w": T([0.0, 2.0, 0.0])}, {"w": T([0.0, 0.0, 3.0])}])
+    assert torch.allclose(res.tensors["w"], torch.zeros(3)) and any("ratio t" in n for n in res.notes)
+    # three task vectors at 120 degrees: mean cosine -1/2 = -1/(k-1), the ratio's denominator vanishes: t = 0
+    r = [T([1.0, 0.0]), T([-0.5, math.sqrt(3) / 2]), T([-0.5, -math.sqrt(3) / 2])]
+    assert torch.allclose(model_stock({"w": torch.zeros(2)}, [{"w": v} for v in r]).tensors["w"], torch.zeros(2), atol=1e-7)
+    with pytest.raises(UserError, match="at least two members"):
+        model_stock(base, [{"w": T([2.0, 1.0])}])
+
+
+def test_model_stock_mean_cosine_from_the_unit_sum_matches_pairwise():
+    g = torch.Generator().manual_seed(2)
+    base = {"w": torch.randn(50, generator=g, dtype=torch.float64)}
+    ms = [{"w": base["w"] + torch.randn(50, generator=g, dtype=torch.float64) + 0.5} for _ in range(4)]
+    taus = [m["w"] - base["w"] for m in ms]
+    cos = [float(a @ b / (a.norm() * b.norm())) for i, a in enumerate(taus) for b in taus[i + 1:]]
+    c = sum(cos) / len(cos)
+    t = 4 * c / (1 + 3 * c)
+    want = base["w"] + t * torch.stack(taus).mean(0)
+    assert torch.allclose(model_stock(base, ms).tensors["w"], want, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------
 # SLERP
 
 
@@ -297,6 +334,9 @@ def test_cli_ties_matches_the_api(tmp_path, files, capsys):
     doc = json.loads(stdout)
     assert code == 0 and doc["seed"] == 4 and doc["merged_tensors"] == 1
     assert torch.equal(load_file(tmp_path / "d.safetensors")["a.bias"], load_file(files["base"])["a.bias"])
+    code, stdout, _ = run(["merge", "model_stock", "--base", files["base"], files["m0"], files["m1"], "--out", tmp_path / "s.safetensors"], capsys)
+    ref = model_stock(files["base"], [files["m0"], files["m1"]]).tensors
+    assert code == 0 and "ratio t" in stdout and torch.equal(load_file(tmp_path / "s.safetensors")["a.weight"], ref["a.weight"])
 
 
 @pytest.mark.parametrize(
@@ -319,6 +359,7 @@ def test_cli_ties_matches_the_api(tmp_path, files, capsys):
         ("weights_count", "1 weights for 2 members"),
         ("out_is_input", "is also an input"),
         ("align_unsupported", "cannot align"),
+        ("stock_lambda", "--lambda does not apply to model_stock"),
     ],
 )
 def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path, files, capsys, case, match):
@@ -342,6 +383,7 @@ def test_cli_bad_inputs_exit_2_and_write_nothing(tmp_path, files, capsys, case, 
         "weights_count": ["task_arithmetic", "--base", b, m0, m1, "--weights", "1"],
         "out_is_input": ["task_arithmetic", "--base", b, m0, "--out", m0],
         "align_unsupported": ["task_arithmetic", "--base", b, m0, "--align"],  # one linear layer: no hidden units
+        "stock_lambda": ["model_stock", "--base", b, m0, m1, "--lambda", "0.5"],
     }[case]
     if "--out" not in args:
         args = args + ["--out", out]

@@ -245,7 +245,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
 
     @app.command("merge")
     def merge_cmd(
-        method: str = typer.Argument(..., help="task_arithmetic, ties, dare_linear, dare_ties or slerp."),
+        method: str = typer.Argument(..., help="task_arithmetic, ties, dare_linear, dare_ties, model_stock or slerp."),
         members: List[str] = typer.Argument(
             ..., help="Members fine-tuned from the base (same keys and shapes). For slerp: A and B (t=0 gives A), or only B with --base A."
         ),
@@ -264,7 +264,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         key: Optional[str] = typer.Option(None, "--key", help="Entry of nested PyTorch checkpoints to read (e.g. ema, model)."),
         json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
     ) -> None:
-        """Merge fine-tuned models tensor by tensor: task arithmetic, TIES, DARE (linear or TIES), or slerp of two models. Non-float tensors and tensors outside --include/--exclude are copied from the base; memory stays near a few tensors for safetensors inputs."""
+        """Merge fine-tuned models tensor by tensor: task arithmetic, TIES, DARE (linear or TIES), Model Stock, or slerp of two models. Non-float tensors and tensors outside --include/--exclude are copied from the base; memory stays near a few tensors for safetensors inputs."""
         from ..synthesis.merge import METHODS, merge
 
         name = method.lower().replace("-", "_")
@@ -279,8 +279,9 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         elif base is None:
             raise UserError(f"{name} needs --base BASE: the model the members were fine-tuned from")
         _check_out(out, [base, *members])
-        uses = {"--lambda": lam is not None and name != "slerp", "--density": name == "ties", "--drop": name.startswith("dare"),
-                "--no-rescale": name.startswith("dare"), "--t": name == "slerp", "--weights": name != "slerp"}
+        weighted = name not in ("slerp", "model_stock")
+        uses = {"--lambda": weighted, "--density": name == "ties", "--drop": name.startswith("dare"),
+                "--no-rescale": name.startswith("dare"), "--t": name == "slerp", "--weights": weighted}
         given = {"--lambda": lam is not None, "--density": density is not None, "--drop": drop is not None,
                  "--no-rescale": no_rescale, "--t": t is not None, "--weights": weights is not None}
         for opt, is_given in given.items():
@@ -291,7 +292,7 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
             if t is None:
                 raise UserError("slerp needs --t (0 gives A, 1 gives B)")
             params["t"] = t
-        else:
+        elif weighted:
             params["lam"] = 1.0 if lam is None else lam
             params["weights"] = _parse_weights(weights)
         if name == "ties":

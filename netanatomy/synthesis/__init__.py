@@ -9,7 +9,7 @@ from .bn import recalibrate_bn
 from .chain import Chain, infer_chain, spec_from_state
 from .evaluate import CommandEvaluator
 from .interpolate import InterpolationCurve, interpolate, loss_barrier, plot_interpolation
-from .merge import MergeResult, dare, dare_linear, dare_ties, merge, slerp, task_arithmetic, ties
+from .merge import MergeResult, dare, dare_linear, dare_ties, merge, model_stock, slerp, task_arithmetic, ties
 from .permute import (
     AlignResult,
     align,
@@ -43,6 +43,7 @@ __all__ = [
     "interpolate",
     "loss_barrier",
     "merge",
+    "model_stock",
     "plot_interpolation",
     "random_permutations",
     "recalibrate_bn",

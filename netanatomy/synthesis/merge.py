@@ -18,6 +18,9 @@ tensors the layer filter selects; the result is cast to the base's dtype
   ``1 / (1 - p)`` (so the expected task vector is unchanged), then summed with
   weights as in task arithmetic, or combined by TIES' sign election and disjoint
   mean (no further trimming);
+* :func:`model_stock` (Jang et al. 2024): per tensor, ``base + t * mean_i tau_i``
+  with ``t = k cos / (1 + (k - 1) cos)``, ``cos`` the mean pairwise cosine of the
+  ``k`` task vectors;
 * :func:`slerp` (Shoemake 1985): per tensor, with ``theta`` the angle between
   the two flattened tensors, ``sin((1-t) theta)/sin(theta) a + sin(t theta)/sin(theta) b``;
   linear interpolation where they are nearly parallel (``|cos theta| > 1 - 1e-6``)
@@ -65,7 +68,7 @@ from ..errors import UserError
 from ..io import CheckpointLike, CheckpointStore, WrittenFile, file_sha256, open_store
 from .average import _cast_down, _plan, _Plan, _stream_out, _WrittenResult
 
-METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
+METHODS = ("task_arithmetic", "ties", "dare_linear", "dare_ties", "model_stock", "slerp")
 RECIPE_KEY = "netanatomy.recipe"
 _PARALLEL = 1.0 - 1e-6
 
@@ -305,7 +308,7 @@ def _run(
     spec=None,
     key: str | None = None,
     keep_in_memory: bool | None = None,
-    fallbacks: list[str] | None = None,
+    late_notes: Callable[[], list[str]] | None = None,
 ) -> MergeResult:
     include, exclude = _patterns(include), _patterns(exclude)
     sources = [open_store(c, name=f"{r}", key=key) for c, r in zip(inputs, roles)]
@@ -341,8 +344,8 @@ def _run(
             yield k, _cast_down(combine(k, _f64(sources[0].get(k)), members), plan.out_dtype[k])
 
     written, tensors = _stream_out(out, plan, meta, items(), keep)
-    if fallbacks:
-        notes.append(f"{len(fallbacks)} tensor(s) nearly parallel or zero: linear interpolation (first: {fallbacks[0]})")
+    if late_notes is not None:  # what the computation found out
+        notes.extend(late_notes())
     result = MergeResult(method, [s.label for s in sources], recipe, tensors if keep else None, written, merged_keys=merged, notes=notes)
     if written is not None:
         record = dict(recipe, output={"path": str(written.path), "sha256": written.file_sha256, "content_sha256": written.content_sha256}, notes=notes)
@@ -487,11 +490,63 @@ def slerp(a: CheckpointLike, b: CheckpointLike, t: float, *, out=None, **kw) -> 
             fallbacks.append(k)
         return res
 
-    return _run("slerp", [a, b], ["model A", "model B"], {"t": t}, combine, out=out, fallbacks=fallbacks, **kw)
+    def late_notes() -> list[str]:
+        if not fallbacks:
+            return []
+        return [f"{len(fallbacks)} tensor(s) nearly parallel or zero: linear interpolation (first: {fallbacks[0]})"]
+
+    return _run("slerp", [a, b], ["model A", "model B"], {"t": t}, combine, out=out, late_notes=late_notes, **kw)
+
+
+def stock_ratio(cos: float, k: int) -> float:
+    """Model Stock's interpolation ratio ``t = k cos / (1 + (k - 1) cos)`` (0 where the
+    denominator vanishes: the task vectors then cancel out)."""
+    den = 1.0 + (k - 1) * cos
+    return k * cos / den if abs(den) > 1e-12 else 0.0
+
+
+def model_stock(base: CheckpointLike, members: Sequence[CheckpointLike], *, out=None, **kw) -> MergeResult:
+    """Model Stock (Jang et al. 2024): per tensor, ``base + t * mean_i tau_i`` with
+    ``t = k cos / (1 + (k - 1) cos)`` and ``cos`` the mean pairwise cosine of the
+    ``k >= 2`` task vectors (a zero task vector counts as cosine 0 with every other).
+
+    Streamed in two passes per tensor: the norms and the mean first, then
+    ``S = sum_i tau_i / |tau_i|``, whose ``|S|^2 - (number of nonzero tau_i)`` is twice
+    the sum of the pairwise cosines; no two task vectors are held at once.
+    """
+    members = _members_of(members)
+    k = len(members)
+    if k < 2:
+        raise UserError("model_stock needs at least two members (it measures the angle between their task vectors)")
+    ratios: list[float] = []
+
+    def combine(name, base64, member):
+        total = torch.zeros_like(base64)
+        norms = []
+        for i in range(k):
+            tau = member(i).sub_(base64)
+            norms.append(float(tau.norm()))
+            total.add_(tau)
+            del tau
+        unit = torch.zeros_like(base64)
+        for i in range(k):
+            if norms[i] > 0:
+                unit.add_(member(i).sub_(base64), alpha=1.0 / norms[i])
+        nonzero = sum(1 for x in norms if x > 0)
+        cos = (float(unit.reshape(-1) @ unit.reshape(-1)) - nonzero) / (k * (k - 1))
+        del unit
+        t = stock_ratio(cos, k)
+        ratios.append(t)
+        return base64.add_(total, alpha=t / k)
+
+    def late_notes() -> list[str]:
+        return [f"model_stock ratio t per tensor: {min(ratios):.4g} to {max(ratios):.4g} (mean {sum(ratios) / len(ratios):.4g})"] if ratios else []
+
+    return _run("model_stock", [base, *members], _roles(k), {}, combine, out=out, late_notes=late_notes, **kw)
 
 
 def merge(method: str, base: CheckpointLike, members: Sequence[CheckpointLike], **params) -> MergeResult:
-    """Dispatch by name: ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties`` or ``slerp``
+    """Dispatch by name: ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``model_stock`` or ``slerp``
     (for slerp, ``base`` is A and the one member is B)."""
     name = method.lower().replace("-", "_")
     if name == "slerp":
@@ -499,7 +554,7 @@ def merge(method: str, base: CheckpointLike, members: Sequence[CheckpointLike], 
         if len(members) != 1:
             raise UserError(f"slerp interpolates two models: A (the base) and one B, not {len(members)} members")
         return slerp(base, members[0], **params)
-    fns = {"task_arithmetic": task_arithmetic, "ties": ties, "dare_linear": dare_linear, "dare_ties": dare_ties}
+    fns = {"task_arithmetic": task_arithmetic, "ties": ties, "dare_linear": dare_linear, "dare_ties": dare_ties, "model_stock": model_stock}
     if name not in fns:
         raise UserError(f"unknown merge method {method!r} (choose {', '.join(METHODS)})")
     return fns[name](base, members, **params)
