@@ -399,3 +399,16 @@ def test_trim_breaks_ties_at_the_cut_by_position():
     # a transposed (non-contiguous) tensor is trimmed like its contiguous copy, and left as it was
     x = T([[0.1, 4.0], [-5.0, 0.2]]).t()
     assert torch.equal(trim(x, 0.5), T([[0.0, -5.0], [4.0, 0.0]])) and torch.equal(x, T([[0.1, -5.0], [4.0, 0.2]]))
+
+
+def test_pytorch_checkpoints_merge_like_state_dicts_and_say_how_they_are_read(tmp_path):
+    base = {"w": T([1.0, -1.0, 2.0]), "b": T([0.5])}
+    ms = [{"w": T([2.0, -1.0, 0.0]), "b": T([1.5])}, {"w": T([1.0, 1.0, 3.0]), "b": T([0.0])}]
+    paths = []
+    for i, s in enumerate([base, *ms]):
+        paths.append(tmp_path / f"c{i}.pt")
+        torch.save(s, paths[-1])
+    res = ties(paths[0], paths[1:], density=0.5, key=None)
+    ref = ties(base, ms, density=0.5)
+    assert all(torch.equal(res.tensors[k], ref.tensors[k]) for k in base)
+    assert any("memory-mapped" in n for n in res.notes)

@@ -332,6 +332,8 @@ def _run(
     recipe = {"method": method, "params": {**params, "include": include, "exclude": exclude, "align": bool(align)}, "inputs": recipe_inputs}
     if seed is not None:
         recipe["seed"] = seed
+    if key is not None:
+        recipe["key"] = key
     meta = {"netanatomy.method": f"merge:{method}", "netanatomy.sources": json.dumps([s.label for s in sources]), RECIPE_KEY: dumps(recipe)}
     keep = keep_in_memory if keep_in_memory is not None else out is None
 
