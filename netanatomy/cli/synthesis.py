@@ -1,4 +1,4 @@
-"""Commands: ``netanatomy average``, ``soup``, ``interpolate``, ``align``."""
+"""Commands: ``netanatomy average``, ``soup``, ``interpolate``, ``align``, ``merge``."""
 
 from __future__ import annotations
 
@@ -242,3 +242,69 @@ def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
         if mid is not None:
             console.print(f"wrote {mid.path} (midpoint of A and aligned B)", markup=False)
             console.print(f"sha256 {mid.file_sha256}  {mid.path.name}", markup=False)
+
+    @app.command("merge")
+    def merge_cmd(
+        method: str = typer.Argument(..., help="task_arithmetic, ties, dare_linear, dare_ties, model_stock or slerp."),
+        members: List[str] = typer.Argument(
+            ..., help="Members fine-tuned from the base (same keys and shapes). For slerp: A and B (t=0 gives A), or only B with --base A."
+        ),
+        base: Optional[str] = typer.Option(None, "--base", help="The model the members were fine-tuned from (required except for slerp)."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output .safetensors file (atomic, with OUT.sha256 and OUT.recipe.json)."),
+        lam: Optional[float] = typer.Option(None, "--lambda", help="Scale of the merged task vector: base + lambda * merged (default 1)."),
+        density: Optional[str] = typer.Option(None, "--density", help="ties: fraction of each task vector kept by magnitude, in (0, 1]; one value or one per member."),
+        drop: Optional[float] = typer.Option(None, "--drop", help="dare_linear / dare_ties: probability of dropping each task-vector entry, in [0, 1)."),
+        no_rescale: bool = typer.Option(False, "--no-rescale", help="dare_*: do not rescale the kept entries by 1/(1 - drop)."),
+        t: Optional[float] = typer.Option(None, "--t", help="slerp: position on the arc from A (0) to B (1)."),
+        weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated weight per member (>= 0, not normalised; default 1 each)."),
+        seed: int = typer.Option(0, "--seed", help="dare_*: seed of the drop masks (per tensor: seed + crc32 of its name)."),
+        include: Optional[List[str]] = typer.Option(None, "--include", help="Merge only tensors whose name matches this glob (repeatable); the rest are copied from the base."),
+        exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Copy tensors matching this glob from the base (repeatable)."),
+        align: bool = typer.Option(False, "--align", help="Permute each member's hidden units to the base first (weight matching; plain chains of layers only)."),
+        key: Optional[str] = typer.Option(None, "--key", help="Entry of nested PyTorch checkpoints to read (e.g. ema, model)."),
+        json_out: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+    ) -> None:
+        """Merge fine-tuned models tensor by tensor: task arithmetic, TIES, DARE (linear or TIES), Model Stock, or slerp of two models. Non-float tensors and tensors outside --include/--exclude are copied from the base; memory stays near a few tensors for safetensors inputs."""
+        from ..synthesis.merge import METHODS, merge
+
+        name = method.lower().replace("-", "_")
+        if name not in METHODS:
+            raise UserError(f"unknown merge method {method!r} (choose {', '.join(METHODS)})")
+        if name == "slerp":
+            if base is not None:
+                members = [base, *members]
+            if len(members) != 2:
+                raise UserError(f"slerp takes two models, A and B (or --base A and B), not {len(members)}")
+            base, members = members[0], members[1:]
+        elif base is None:
+            raise UserError(f"{name} needs --base BASE: the model the members were fine-tuned from")
+        _check_out(out, [base, *members])
+        weighted = name not in ("slerp", "model_stock")
+        uses = {"--lambda": weighted, "--density": name == "ties", "--drop": name.startswith("dare"),
+                "--no-rescale": name.startswith("dare"), "--t": name == "slerp", "--weights": weighted}
+        given = {"--lambda": lam is not None, "--density": density is not None, "--drop": drop is not None,
+                 "--no-rescale": no_rescale, "--t": t is not None, "--weights": weights is not None}
+        for opt, is_given in given.items():
+            if is_given and not uses[opt]:
+                raise UserError(f"{opt} does not apply to {name}")
+        params: dict = dict(out=out, include=include or None, exclude=exclude or None, align=align, key=key)
+        if name == "slerp":
+            if t is None:
+                raise UserError("slerp needs --t (0 gives A, 1 gives B)")
+            params["t"] = t
+        elif weighted:
+            params["lam"] = 1.0 if lam is None else lam
+            params["weights"] = _parse_weights(weights)
+        if name == "ties":
+            if density is None:
+                raise UserError("ties needs --density (the fraction of each task vector kept, in (0, 1])")
+            ds = parse_list(density, float, "--density", "numbers")
+            params["density"] = ds[0] if len(ds) == 1 else ds
+        if name.startswith("dare"):
+            if drop is None:
+                raise UserError(f"{name} needs --drop (the probability of dropping each task-vector entry, in [0, 1))")
+            params.update(p=drop, seed=seed, rescale=not no_rescale)
+        res = merge(name, base, members, **params)
+        _print_written(res, json_out)
+        if not json_out and res.recipe_path is not None:
+            _console().print(f"recipe {res.recipe_path}", markup=False)

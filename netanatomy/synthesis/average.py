@@ -38,8 +38,29 @@ from ..io import CheckpointLike, CheckpointStore, SafetensorsWriter, WrittenFile
 NON_FLOAT_POLICIES = ("last", "first", "equal")
 
 
+class _WrittenResult:
+    """What the results of averages and merges share: a method, sources, notes,
+    and maybe a written file with its hashes."""
+
+    method: str
+    sources: list[str]
+    notes: list[str]
+    written: WrittenFile | None
+
+    @property
+    def sha256(self) -> str | None:
+        return self.written.content_sha256 if self.written else None
+
+    def _summary(self, **fields) -> dict:
+        d = {"method": self.method, "checkpoints": len(self.sources), "sources": self.sources, **fields, "notes": self.notes}
+        w = self.written
+        if w is not None:
+            d.update(out=str(w.path), content_sha256=w.content_sha256, file_sha256=w.file_sha256, bytes=w.num_bytes)
+        return d
+
+
 @dataclass
-class AverageResult:
+class AverageResult(_WrittenResult):
     """What an average produced: tensors (in memory) and/or a written file."""
 
     method: str
@@ -50,27 +71,8 @@ class AverageResult:
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def sha256(self) -> str | None:
-        return self.written.content_sha256 if self.written else None
-
     def summary(self) -> dict:
-        d = {
-            "method": self.method,
-            "checkpoints": len(self.sources),
-            "sources": self.sources,
-            "weights": self.weights,
-            "tensors": len(self.counts),
-            "notes": self.notes,
-        }
-        if self.written:
-            d.update(
-                out=str(self.written.path),
-                content_sha256=self.written.content_sha256,
-                file_sha256=self.written.file_sha256,
-                bytes=self.written.num_bytes,
-            )
-        return d
+        return self._summary(weights=self.weights, tensors=len(self.counts))
 
 
 @dataclass
@@ -86,7 +88,10 @@ def _is_float(dt: torch.dtype) -> bool:
     return dt.is_floating_point or dt.is_complex
 
 
-def _plan(sources: list[CheckpointStore], allow_missing: bool, dtype: torch.dtype | None) -> _Plan:
+_MISSING_HINT = "allow_missing / --allow-missing averages each key over its holders"
+
+
+def _plan(sources: list[CheckpointStore], allow_missing: bool, dtype: torch.dtype | None, missing_hint: str = _MISSING_HINT) -> _Plan:
     keys: list[str] = []
     seen: set[str] = set()
     for s in sources:
@@ -102,7 +107,7 @@ def _plan(sources: list[CheckpointStore], allow_missing: bool, dtype: torch.dtyp
                 missing = [sources[i].label for i in range(len(sources)) if i not in holders[k]]
                 raise UserError(
                     f"key {k!r} is missing from {len(missing)} checkpoint(s) (first: {missing[0]}); "
-                    "checkpoints must hold the same tensors (allow_missing / --allow-missing averages each key over its holders)"
+                    f"checkpoints must hold the same tensors ({missing_hint})"
                 )
     shape, out_dtype, is_float = {}, {}, {}
     for k in keys:
@@ -227,35 +232,35 @@ def average(
         "netanatomy.non_float": non_float,
     }
     meta.update(metadata or {})
-    tensors: dict[str, torch.Tensor] = {}
-
-    def emit_all(emit) -> None:
-        if all(s.lazy for s in sources):
-            for k in plan.keys:
-                emit(k, _compute_key(k, plan, sources, raw, non_float))
-        else:
-            for k, t in _checkpoint_major(plan, sources, raw, non_float):
-                emit(k, t)
-
-    def remember(k, t):
-        tensors[k] = t
-
-    if out is not None:
-        entries = [(k, plan.out_dtype[k], plan.shape[k]) for k in plan.keys]
-        with SafetensorsWriter(out, entries, meta) as writer:
-
-            def emit(k, t):
-                writer.write(k, t)
-                if keep:
-                    tensors[k] = t
-
-            emit_all(emit)
-        result.written = writer.result()
+    if all(s.lazy for s in sources):
+        items = ((k, _compute_key(k, plan, sources, raw, non_float)) for k in plan.keys)
     else:
-        emit_all(remember)
+        items = _checkpoint_major(plan, sources, raw, non_float)
+    result.written, tensors = _stream_out(out, plan, meta, items, keep)
     if keep:
         result.tensors = tensors
     return result
+
+
+def _stream_out(out, plan: _Plan, meta: dict[str, str], items, keep: bool) -> tuple[WrittenFile | None, dict[str, torch.Tensor]]:
+    """Write ``(key, tensor)`` pairs, in ``plan.keys`` order, to ``out`` as they come.
+
+    The header is written first, so only the tensor in hand is in memory (plus
+    those kept when ``keep``). With ``out=None`` every tensor is kept.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    if out is None:
+        for k, t in items:
+            tensors[k] = t
+        return None, tensors
+    entries = [(k, plan.out_dtype[k], plan.shape[k]) for k in plan.keys]
+    with SafetensorsWriter(out, entries, meta) as writer:
+        for k, t in items:
+            writer.write(k, t)
+            if keep:
+                tensors[k] = t
+            del t  # not alive while the next tensor is computed
+    return writer.result(), tensors
 
 
 def _checkpoint_major(plan: _Plan, sources: list[CheckpointStore], w: list[float], non_float: str):
