@@ -19,6 +19,7 @@ matrix + eigvalsh alone, at the precision and thread count our run used.
   python benchmarks/esd_vs_weightwatcher.py --quick         # smaller (b), 2 llama blocks
   python benchmarks/esd_vs_weightwatcher.py --cases linear,linear-full --full-matrices 2
   python benchmarks/esd_vs_weightwatcher.py --cases whole       # whole processes, exact and partial
+  python benchmarks/esd_vs_weightwatcher.py --cases partial-layers   # per-layer exact vs partial table
 
 "whole" times complete processes (interpreter start, imports, load, spectra,
 fits, JSON/Parquet and report of ``netanatomy analyze --only esd``; exact and
@@ -58,7 +59,7 @@ def rss_mb() -> float:
 # children
 
 
-def child_ours(path: str, full: bool, workers: int) -> dict:
+def child_ours(path: str, full: bool, workers: int, spectrum: str = "full") -> dict:
     # the scipy modules the analysis imports lazily are imported here, outside the
     # timing, as the peer's are (importing weightwatcher loads scipy before its t0)
     import scipy.linalg.blas
@@ -71,11 +72,11 @@ def child_ours(path: str, full: bool, workers: int) -> dict:
     from netanatomy.spectral.analysis import analyze
 
     t0 = time.perf_counter()
-    res = analyze(netanatomy.load(path), mp_fit=full, randomize=full, workers=workers, keep_spectra=False)
+    res = analyze(netanatomy.load(path), mp_fit=full, randomize=full, workers=workers, keep_spectra=False, spectrum=spectrum)
     secs = time.perf_counter() - t0
     peak = rss_mb()
     layers = [
-        {k: r.get(k) for k in ("layer", "N", "M", "slices", "precision", "seconds", "alpha", "error")}
+        {k: r.get(k) for k in ("layer", "N", "M", "slices", "precision", "seconds", "alpha", "error", "spectrum", "evals_computed")}
         for r in res.records
     ]
     # the floor: Gram + eigvalsh of one matrix of each shape, same precision, one thread
@@ -394,24 +395,73 @@ def llama(dirpath: Path, blocks: int, workers: int, timeout: float) -> None:
     index = write_llama(dirpath, blocks)
     size = sum(p.stat().st_size for p in dirpath.glob("*.safetensors")) / 2**30
     print(f"  wrote {size:.2f} GiB in {len(list(dirpath.glob('*.safetensors')))} shards in {time.perf_counter() - t:.0f} s")
-    ours = run_child(["--child", "ours", "--path", index, "--workers", str(workers)], timeout)
-    if "error" in ours:
-        print(f"  netanatomy: {ours['error']}")
-        return
-    lay = [r for r in ours["layers"] if not r.get("error")]
-    print(f"  netanatomy: {ours['seconds']:.1f} s for {len(lay)} matrices, peak RSS {ours['peak_rss_mb']:.0f} MB ({'under' if ours['peak_rss_mb'] < 2048 else 'OVER'} 2 GB)")
-    by_kind: dict[str, list[float]] = {}
-    for r in lay:
-        kind = r["layer"].split(".")[-1] if ".layers." in r["layer"] else r["layer"]
-        by_kind.setdefault(kind, []).append(r["seconds"])
-        print(f"    {r['layer']:<44} {r['N']}x{r['M']} {r['precision']}: {r['seconds']:.2f} s")
-    block_rows = [r for r in lay if ".layers." in r["layer"]]
-    other_rows = [r for r in lay if ".layers." not in r["layer"]]
-    wall_per_block = (ours["seconds"] - sum(r["seconds"] for r in other_rows) / max(ours["workers"], 1)) / blocks
-    cpu_per_block = sum(r["seconds"] for r in block_rows) / blocks
-    proj = ours["seconds"] + (32 - blocks) * wall_per_block
-    print(f"  per block: {cpu_per_block:.1f} s of layer time, about {wall_per_block:.1f} s wall with {ours['workers']} workers")
-    print(f"  projected full Llama-7B (32 blocks + embedding + head): {proj / 60:.1f} min")
+    alphas: dict[str, dict[str, float]] = {}
+    for spectrum in ("full", "partial"):
+        ours = run_child(["--child", "ours", "--path", index, "--workers", str(workers), "--spectrum", spectrum], timeout)
+        if "error" in ours:
+            print(f"  netanatomy {spectrum}: {ours['error']}")
+            continue
+        lay = [r for r in ours["layers"] if not r.get("error")]
+        alphas[spectrum] = {r["layer"]: r["alpha"] for r in lay if r.get("alpha") is not None}
+        mode = "exact" if spectrum == "full" else "partial"
+        print(f"  netanatomy {mode}: {ours['seconds']:.1f} s for {len(lay)} matrices, peak RSS {ours['peak_rss_mb']:.0f} MB "
+              f"({'under' if ours['peak_rss_mb'] < 2048 else 'OVER'} 2 GB), {ours['workers']} workers")
+        floor = 0.0
+        for r in lay:
+            fl = ours["floors"].get(f"{r['N']}x{r['M']}:{r['precision']}", math.nan)
+            floor += fl
+            extra = f", {r.get('evals_computed')} of {r['M']} eigenvalues" if spectrum == "partial" else ""
+            print(f"    {r['layer']:<44} {r['N']}x{r['M']} {r['precision']}: {r['seconds']:.2f} s (floor {fl:.2f} s){extra}")
+        block_rows = [r for r in lay if ".layers." in r["layer"]]
+        other_rows = [r for r in lay if ".layers." not in r["layer"]]
+        wall_per_block = (ours["seconds"] - sum(r["seconds"] for r in other_rows) / max(ours["workers"], 1)) / blocks
+        cpu_per_block = sum(r["seconds"] for r in block_rows) / blocks
+        proj = ours["seconds"] + (32 - blocks) * wall_per_block
+        floor_block = sum(ours["floors"].get(f"{r['N']}x{r['M']}:{r['precision']}", math.nan) for r in block_rows) / blocks
+        floor_other = floor - floor_block * blocks
+        floor_proj = (floor_other + 32 * floor_block) / max(ours["workers"], 1)
+        print(f"  per block: {cpu_per_block:.1f} s of layer time, about {wall_per_block:.1f} s wall with {ours['workers']} workers")
+        print(f"  dense floor (one thread per matrix, Gram + eigvalsh, same precision): {floor:.1f} s for these matrices; "
+              f"{floor / max(ours['workers'], 1):.1f} s spread over {ours['workers']} workers")
+        print(f"  projected full Llama-7B (32 blocks + embedding + head): {proj / 60:.1f} min "
+              f"(floor over {ours['workers']} workers: {floor_proj / 60:.1f} min, x{proj / floor_proj:.2f})")
+    if len(alphas) == 2:
+        common = sorted(set(alphas["full"]) & set(alphas["partial"]))
+        diffs = [abs(alphas["full"][k] - alphas["partial"][k]) for k in common]
+        if diffs:
+            print(f"  alpha partial vs exact: {sum(d <= 0.02 for d in diffs)}/{len(diffs)} within 0.02, max |diff| {max(diffs):.4f}")
+
+
+def partial_layers(seeds: int) -> None:
+    """Per-layer exact vs partial on generated heavy-tailed matrices, in this
+    process, one BLAS thread: time, alpha, fitted tail and eigenvalues computed."""
+    import torch
+
+    from netanatomy.spectral.analysis import SpectralOptions, spectral_row
+
+    torch.set_num_threads(1)
+    print(f"\n== per-layer exact vs partial (40 Pareto spikes on a Gaussian bulk, {seeds} seeds per shape, one thread)")
+    print(f"  {'shape':<11} {'seed':>4} {'exact s':>8} {'partial s':>9} {'speed-up':>8} {'alpha exact':>11} "
+          f"{'alpha partial':>13} {'|diff|':>7} {'tail':>5} {'computed':>9}")
+    rows = []
+    for n, m in ((4096, 4096), (11008, 4096)):
+        for seed in range(seeds):
+            w = spiked(n, m, 100 + seed).unsqueeze(0)
+            t = time.perf_counter()
+            e, _ = spectral_row("w", "linear", w, SpectralOptions())
+            te = time.perf_counter() - t
+            t = time.perf_counter()
+            f, _ = spectral_row("w", "linear", w, SpectralOptions(spectrum="partial"))
+            tp = time.perf_counter() - t
+            d = abs(e["alpha"] - f["alpha"])
+            rows.append((te, tp, d))
+            print(f"  {n}x{m:<6} {seed:>4} {te:8.2f} {tp:9.2f} {te / tp:7.2f}x {e['alpha']:11.4f} {f['alpha']:13.4f} "
+                  f"{d:7.4f} {e['num_pl_spikes']:5d} {f['evals_computed']:9d}")
+            sys.stdout.flush()
+    te = sum(r[0] for r in rows)
+    tp = sum(r[1] for r in rows)
+    print(f"  all: exact {te:.1f} s, partial {tp:.1f} s (x{te / tp:.2f}); alpha within 0.02 on "
+          f"{sum(r[2] <= 0.02 for r in rows)}/{len(rows)} layers")
 
 
 def main() -> None:
@@ -433,7 +483,7 @@ def main() -> None:
     a = ap.parse_args()
 
     if a.child == "ours":
-        print(json.dumps(child_ours(a.path, a.full, a.workers)))
+        print(json.dumps(child_ours(a.path, a.full, a.workers, a.spectrum)))
         return
     if a.child == "split":
         print(json.dumps(child_split(a.path, a.spectrum, a.workdir)))
@@ -484,6 +534,8 @@ def main() -> None:
             mp = write_spiked(tmp, "mixed24", [(1024, 1024), (4096, 1024)] * 12)
             whole("24 layers, 1024x1024 and 4096x1024", mp, tmp, have_peer, a.timeout)
             os.unlink(mp)
+        if "partial-layers" in cases:
+            partial_layers(3 if a.quick else 6)
         if "llama" in cases:
             d = tmp / "llama"
             d.mkdir()
