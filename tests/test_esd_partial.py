@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from netanatomy.errors import UserError
-from netanatomy.spectral.analysis import SpectralAnalysis, SpectralOptions, spectral_row
-from netanatomy.spectral.esd import gram_matrix, partial_spectrum_of, top_sq_singular_values
+import dataclasses
+
+from netanatomy.spectral.analysis import SpectralAnalysis, SpectralOptions, partial_accepts, spectral_row
+from netanatomy.spectral.esd import gram_matrix, partial_spectrum_of, spectrum_of, top_sq_singular_values
 
 
 def _spiked(n=1536, m=768, spikes=40, seed=0):
@@ -96,6 +98,20 @@ def test_the_whole_spectrum_is_computed_when_the_top_is_never_enough():
     fast, _ = spectral_row("w", "linear", w, SpectralOptions(spectrum="partial", partial_min_size=0))
     assert exact["xmin"] >= 0 and fast["xmin"] == pytest.approx(exact["xmin"], rel=1e-4)
     assert abs(fast["alpha"] - exact["alpha"]) < 0.02
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_light_top_of_a_random_bulk_is_not_accepted(seed):
+    # the top 16-24 eigenvalues of a Gaussian matrix: a fit over them alone settles
+    # on 5-7 values with alpha 80-140 (the whole spectrum gives 15-19), and its xmin
+    # passes the margin and top-half checks; only the light-tail rule refuses it
+    opts = SpectralOptions(spectrum="partial")
+    full = spectrum_of(torch.randn(1, 2048, 2048, generator=torch.Generator().manual_seed(seed)), "float32", "cpu")
+    for k in (16, 20, 24):
+        top = dataclasses.replace(full, evals=full.evals[-k:], computed=k, boundary=float(full.evals[-k]))
+        assert top.partial
+        assert not partial_accepts(top, opts)
+        assert partial_accepts(top, dataclasses.replace(opts, partial_alpha_max=math.inf))
 
 
 def test_partial_boundary_is_the_largest_smallest_computed_value():

@@ -81,6 +81,7 @@ class SpectralOptions:
     spectrum: Literal["full", "partial"] = "full"
     partial_margin: float = 0.2  # partial: xmin must lie above this fraction of the converged part
     partial_min_size: int = 1024  # partial: matrices with a smaller side up to this get every eigenvalue
+    partial_alpha_max: float = UNDER_TRAINED  # partial: a lighter tail than this needs the whole spectrum
     hill_xmin_pos: float = 2.0  # PL_Alpha_Hill: the tail is the top n - floor(n / hill_xmin_pos) values
 
 
@@ -196,25 +197,32 @@ def spectral_row(
     return row, extras
 
 
+def partial_accepts(sp: Spectrum, options: SpectralOptions) -> bool:
+    """Whether a partial spectrum is enough for the power-law fit: the fit's xmin
+    lies above the lowest ``partial_margin`` of the converged part, the fit on the
+    top half of that part picks the same xmin (a lower xmin, outside the computed
+    part, would have shown up as a change between the two), and the tail is heavy
+    (alpha at most ``partial_alpha_max``). A light tail is what a bulk without a
+    power law looks like from its top: on random matrices a fit over the top 20
+    eigenvalues settles on 5-10 of them with alpha near 100, where the whole
+    spectrum gives 15-25; only the whole spectrum tells which xmin is right."""
+    fit, ev = _fit_values(sp, options)
+    if not (fit.ok and fit.n_tail <= (1.0 - options.partial_margin) * ev.size):
+        return False
+    if not fit.alpha <= options.partial_alpha_max:
+        return False
+    half = fit_power_law(ev[ev.size // 2 :], min_tail=options.min_tail, ks=options.ks)
+    return half.ok and math.isclose(half.xmin, fit.xmin, rel_tol=1e-6)
+
+
 def _partial(batch: torch.Tensor, options: SpectralOptions, precision: str, device) -> Spectrum:
-    """The top of the spectrum, extended until the power-law fit's xmin lies above
-    the lowest ``partial_margin`` of the converged part and the fit on the top
-    half of that part picks the same xmin (a lower xmin, outside the computed
-    part, would have shown up as a change between the two). Matrices whose
-    smaller side is at most ``partial_min_size`` get the whole spectrum: it costs
-    little there, and on small matrices the tail is often most of the spectrum,
-    where a top-only fit can settle on a wrong xmin."""
+    """The top of the spectrum, extended until ``partial_accepts`` holds. Matrices
+    whose smaller side is at most ``partial_min_size`` get the whole spectrum: it
+    costs little there, and on small matrices the tail is often most of the
+    spectrum, where a top-only fit can settle on a wrong xmin."""
     if min(batch.shape[1:]) <= options.partial_min_size:
         return spectrum_of(batch, precision, device)
-
-    def accept(sp: Spectrum) -> bool:
-        fit, ev = _fit_values(sp, options)
-        if not (fit.ok and fit.n_tail <= (1.0 - options.partial_margin) * ev.size):
-            return False
-        half = fit_power_law(ev[ev.size // 2 :], min_tail=options.min_tail, ks=options.ks)
-        return half.ok and math.isclose(half.xmin, fit.xmin, rel_tol=1e-6)
-
-    return partial_spectrum_of(batch, accept, precision, device)
+    return partial_spectrum_of(batch, lambda sp: partial_accepts(sp, options), precision, device)
 
 
 def _slice_labels(kernel: tuple[int, ...]) -> list[str]:
