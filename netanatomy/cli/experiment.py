@@ -126,7 +126,7 @@ def _synthesis(experiment_app: typer.Typer) -> None:
     def experiment_cmd(
         config: str = typer.Option(
             "full", "--config",
-            help="full (soups from a weak start + barriers, ~25 min on one core), soups (soups from a strong pre-trained start, ~15 min), quick / soups-quick (smoke tests).",
+            help="full (soups from a weak start + barriers, ~25 min on one core), merge (task-vector merges vs soups, ~5 min per seed; merge-smoke), soups (soups from a strong pre-trained start, ~15 min), quick / soups-quick (smoke tests).",
         ),
         out: Path = typer.Option(Path("results"), "--out", help="Folder for synthesis.md, synthesis.json and the figure."),
         seed: int = typer.Option(
@@ -140,10 +140,14 @@ def _synthesis(experiment_app: typer.Typer) -> None:
     ) -> None:
         """Fashion-MNIST: greedy and uniform soups vs the best member; interpolation barriers before/after alignment, with and without BN recalibration."""
         from .._util import atomic_write_text, dumps
+        from ..experiments import merges as mx
         from ..experiments import soups as ex
 
-        if config not in ex.CONFIGS:
-            raise UserError(f"--config is one of {', '.join(ex.CONFIGS)}, got {config!r}")
+        if config not in ex.CONFIGS and config not in mx.CONFIGS:
+            raise UserError(f"--config is one of {', '.join([*ex.CONFIGS, *mx.CONFIGS])}, got {config!r}")
+        if config in mx.CONFIGS:
+            _merge_experiment(mx, config, out, seed, seeds, atomic_write_text, dumps)
+            return
         if out.exists() and not out.is_dir():
             raise UserError(f"{out}: exists and is not a folder")
         if seed < 0:
@@ -182,6 +186,27 @@ def _synthesis(experiment_app: typer.Typer) -> None:
         atomic_write_text(out / f"{seeds_stem}.json", dumps(agg, indent=1) + "\n")
         atomic_write_text(out / f"{seeds_stem}.md", ex.render_seeds_markdown(agg, command, reports))
         say(f"wrote {out / (seeds_stem + '.md')}")
+
+
+def _merge_experiment(mx, config: str, out: Path, seed: int, seeds, atomic_write_text, dumps) -> None:
+    """``--config merge`` / ``merge-smoke``: results/synthesis_<config>.{json,md}, all seeds in one file."""
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
+    seed_list = [seed] if seeds is None else _parse_seeds(seeds)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder")
+    console = _console()
+    say = lambda m: console.print(m, markup=False)  # noqa: E731
+    results = []
+    for s in seed_list:
+        say(f"seed {s}: running")
+        results.append(mx.run(config, seed=s, log=say))
+    stem = "synthesis_" + config.replace("-", "_")
+    command = f"netanatomy experiment synthesis --config {config} " + (f"--seeds {','.join(map(str, seed_list))}" if seeds else f"--seed {seed}") + f" --out {out}"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{stem}.json", dumps({"results": results, "selected": mx.aggregate(results)}, indent=1) + "\n")
+    atomic_write_text(out / f"{stem}.md", mx.render_markdown(results, command))
+    say(f"wrote {out / (stem + '.md')}")
 
 
 def _parse_seeds(text: str) -> list[int]:
