@@ -230,14 +230,23 @@ def _read(agg: dict, n: int) -> list[str]:
     merges = [m for m in agg if m in MERGE_METHODS]
     mem = [m for m in agg if m.startswith("member")]
     bm = max(merges, key=lambda m: agg[m]["val_mean"]["mean"])
-    bmem = max(mem, key=lambda m: agg[m]["mean"]["mean"])
+    bmem = max(mem, key=lambda m: agg[m]["val_mean"]["mean"])
     g = lambda m: agg[m]["mean"]["mean"]  # noqa: E731
-    L = [f"By validation, the best merge method is {bm} (mean per-task test accuracy {g(bm):.4f}); "
-         f"the best single member on test is {bmem} ({g(bmem):.4f}); the start {g('start'):.4f}; "
-         f"uniform soup {g('uniform soup'):.4f}; greedy soup {g('greedy soup'):.4f}."]
-    L.append("The best merge is " + ("above" if g(bm) > max(g(bmem), g("uniform soup"), g("greedy soup")) else "not above")
-             + " every member and both soups on the mean per-task test accuracy.")
-    L.append("Each member is strong on its own task and weak elsewhere (fine-tuning on a subset of classes "
-             "forgets the others); a merge is useful when it keeps most of each member's own-task gain.")
-    L.append(f"{n} seed(s); " + ("spread over seeds is in the table." if n > 1 else "no spread over seeds: read differences under ~0.01 as noise."))
+    L = [f"By validation, the best merge method is {bm} (chosen: {' / '.join(_p(p) for p in agg[bm]['params'])}; "
+         f"mean per-task test accuracy {g(bm):.4f}); the best single member by validation is {bmem} ({g(bmem):.4f}); "
+         f"the start {g('start'):.4f}; uniform soup {g('uniform soup'):.4f}; greedy soup {g('greedy soup'):.4f}."]
+    rivals = {"the best member": g(bmem), "the uniform soup": g("uniform soup"), "the greedy soup": g("greedy soup"), "the start": g("start")}
+    above = [k for k, v in rivals.items() if g(bm) > v]
+    below = [k for k, v in rivals.items() if g(bm) <= v]
+    L.append(f"The best merge is above {', '.join(above) or 'none of them'}" + (f" and not above {', '.join(below)}." if below else "."))
+    own = [agg[f"member {i}"]["tasks"][i]["mean"] for i in range(len(mem))]
+    start_t = [t["mean"] for t in agg["start"]["tasks"]]
+    merged_t = [t["mean"] for t in agg[bm]["tasks"]]
+    L.append("Own-task test accuracy, start -> member -> best merge: "
+             + "; ".join(f"T{i} {a:.3f} -> {b:.3f} -> {c:.3f}" for i, (a, b, c) in enumerate(zip(start_t, own, merged_t))) + ".")
+    if g("start") >= g(bm):
+        L.append("Here merging did not recover a multi-task model better than the shared start: each member forgets the "
+                 "classes it did not see, and the merges keep only part of each member's own-task gain while inheriting "
+                 "part of the others' forgetting. The members moved far from the start for this short pre-training.")
+    L.append(f"{n} seed(s); " + ("spread over seeds is in the table (± sample std)." if n > 1 else "no spread over seeds: read differences under ~0.01 as noise."))
     return L
