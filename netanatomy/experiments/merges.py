@@ -247,6 +247,9 @@ def _read(agg: dict, n: int) -> list[str]:
     if g("start") >= g(bm):
         L.append("Here merging did not recover a multi-task model better than the shared start: each member forgets the "
                  "classes it did not see, and the merges keep only part of each member's own-task gain while inheriting "
-                 "part of the others' forgetting. The members moved far from the start for this short pre-training.")
+                 "part of the others' forgetting.")
+    grid = [p for p in GRIDS.get(bm, [])]
+    if bm == "task_arithmetic" and all(p.get("lam") == min(q["lam"] for q in grid) for p in agg[bm]["params"]):
+        L.append("The chosen lambda is the smallest of the grid: a smaller one (closer to the start) might score higher still.")
     L.append(f"{n} seed(s); " + ("spread over seeds is in the table (± sample std)." if n > 1 else "no spread over seeds: read differences under ~0.01 as noise."))
     return L
