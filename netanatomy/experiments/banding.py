@@ -104,6 +104,18 @@ CONFIGS = {
     # scenes whose class is which of two strata lies above the other, far apart (explored, not the main result)
     "topbottom": ExperimentConfig(name="topbottom", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=500,
                                   data="topbottom"),
+    # crops of real photographs (scenes.make_photos): the class is which fifth of the photo's height
+    # the crop comes from x upright / upside-down; test crops from a held-out strip of every photo.
+    # Three seeds (netanatomy experiment banding-seeds); configs and thresholds fixed before any result.
+    "photos": ExperimentConfig(name="photos", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=700,
+                               lr=3e-3, optimizer="adamw", data="photos", flip=True),
+    "photos_seed1": ExperimentConfig(name="photos_seed1", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=700,
+                                     lr=3e-3, optimizer="adamw", data="photos", flip=True, seed=1),
+    "photos_seed2": ExperimentConfig(name="photos_seed2", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=700,
+                                     lr=3e-3, optimizer="adamw", data="photos", flip=True, seed=2),
+    # the photos design in seconds, for the tests
+    "photos_smoke": ExperimentConfig(name="photos_smoke", size=28, widths=(4, 8, 8, 8, 12, 12), kernels=(3, 3, 3, 3, 3, 3),
+                                     steps=4, batch=8, test_size=32, lr=3e-3, optimizer="adamw", data="photos", flip=True),
     "quick": ExperimentConfig(
         name="quick", size=28, widths=(4, 8, 8, 8, 12, 12), steps=6, batch=16, test_size=64,
         interventions=("baseline", "xpool"),
@@ -177,7 +189,7 @@ def make_batch(cfg: ExperimentConfig, n: int, rotate: bool, g: torch.Generator, 
     """``n`` images of the config's data (flipped at random when ``gflip`` is given and the
     config flips), rotated 90 degrees counter-clockwise when ``rotate``; and labels.
     ``split`` picks the photo set's train or test images (generated scenes ignore it)."""
-    kw = {"split": split} if cfg.data == "fashion" else {}
+    kw = {"split": split} if cfg.data in ("fashion", "photos") else {}
     x, y = DATASETS[cfg.data][0](n, cfg.size, g, **kw)
     if cfg.flip and gflip is not None:
         f = torch.rand(x.shape[0], generator=gflip) < 0.5
