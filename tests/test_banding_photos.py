@@ -44,3 +44,24 @@ def test_photos_smoke_config_end_to_end(tmp_path, monkeypatch):
     rows = res.table()
     assert {r["experiment"] for r in rows} == {"baseline", "rotate", "nopool", "xpool", "xpool_rotate"}
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+
+
+def test_xpool_control_on_hand_made_weights():
+    from netanatomy.experiments.banding import CONFIGS, analyse_runs, xpool_control
+
+    g = torch.Generator().manual_seed(0)
+    cfg = CONFIGS["quick"]
+    shapes = {"1": (4, 3, 3, 3), "2": (8, 4, 3, 3), "3a": (8, 8, 3, 3), "3b": (8, 8, 3, 3), "5a": (12, 8, 3, 3), "5b": (12, 12, 3, 3)}
+
+    def weights(banded_5a: bool):
+        w = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+        if banded_5a:  # constant along x: every row of every kernel the same value
+            w["5a"] = torch.randn(12, 8, 3, 1, generator=g).expand(12, 8, 3, 3).clone()
+        return w
+
+    runs = {name: {"weights": weights(name == "xpool"), "accuracy": 0.5} for name in ("baseline", "xpool", "xpool_rotate")}
+    res = analyse_runs(cfg, runs, layers=("5a", "5b"))
+    out = xpool_control([res, res])
+    row = out["rows"][0]
+    assert row["xpool_horizontal"] > 0.9 and row["baseline_horizontal"] < 0.5 and row["xpool_rotate_horizontal"] < 0.5
+    assert out["moved_earlier_every_seed"] and out["spread"]["xpool_horizontal"] == 0.0

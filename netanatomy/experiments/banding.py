@@ -482,3 +482,30 @@ def _cfg_key(cfg: ExperimentConfig) -> str:
     d = asdict(cfg)
     d.pop("interventions")
     return repr(sorted(d.items()))
+
+
+def xpool_control(results: list[ExperimentResult], layer: str = "5a") -> dict:
+    """The x-pooling control over seeds: ``layer``'s horizontally banded share and median V_y
+    under x-pooling, against the baseline (same seed) and against x-pooling on rotated inputs.
+
+    "Banding moved one layer earlier" needs ``xpool`` > ``baseline`` (more horizontal banding
+    in ``layer`` than without x-pooling) and ``xpool`` > ``xpool_rotate`` (where the useful axis
+    is averaged away, so x-pooling alone must not produce it). Returns per-seed rows and the
+    mean and spread (population standard deviation) of every column over seeds."""
+    import statistics
+
+    rows = []
+    for res in results:
+        row = {"seed": res.config.seed}
+        for run in ("baseline", "xpool", "xpool_rotate"):
+            r = _rec(res, run, layer)
+            row[f"{run}_horizontal"] = r["horizontal_fraction"] if r else math.nan
+            row[f"{run}_v_y"] = r["v_y_median"] if r else math.nan
+        row["xpool_minus_baseline"] = row["xpool_horizontal"] - row["baseline_horizontal"]
+        row["xpool_minus_rotated"] = row["xpool_horizontal"] - row["xpool_rotate_horizontal"]
+        rows.append(row)
+    keys = [k for k in rows[0] if k != "seed"] if rows else []
+    mean = {k: statistics.fmean(r[k] for r in rows) for k in keys}
+    spread = {k: statistics.pstdev([r[k] for r in rows]) for k in keys}
+    moved = bool(rows) and all(r["xpool_minus_baseline"] > 0 and r["xpool_minus_rotated"] > 0 for r in rows)
+    return {"layer": layer, "rows": rows, "mean": mean, "spread": spread, "moved_earlier_every_seed": moved}
