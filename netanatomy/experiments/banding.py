@@ -104,6 +104,18 @@ CONFIGS = {
     # scenes whose class is which of two strata lies above the other, far apart (explored, not the main result)
     "topbottom": ExperimentConfig(name="topbottom", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=500,
                                   data="topbottom"),
+    # crops of real photographs (scenes.make_photos): the class is which fifth of the photo's height
+    # the crop comes from x upright / upside-down; test crops from a held-out strip of every photo.
+    # Three seeds (netanatomy experiment banding-seeds); configs and thresholds fixed before any result.
+    "photos": ExperimentConfig(name="photos", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=700,
+                               lr=3e-3, optimizer="adamw", data="photos", flip=True),
+    "photos_seed1": ExperimentConfig(name="photos_seed1", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=700,
+                                     lr=3e-3, optimizer="adamw", data="photos", flip=True, seed=1),
+    "photos_seed2": ExperimentConfig(name="photos_seed2", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3), steps=700,
+                                     lr=3e-3, optimizer="adamw", data="photos", flip=True, seed=2),
+    # the photos design in seconds, for the tests
+    "photos_smoke": ExperimentConfig(name="photos_smoke", size=28, widths=(4, 8, 8, 8, 12, 12), kernels=(3, 3, 3, 3, 3, 3),
+                                     steps=4, batch=8, test_size=32, lr=3e-3, optimizer="adamw", data="photos", flip=True),
     "quick": ExperimentConfig(
         name="quick", size=28, widths=(4, 8, 8, 8, 12, 12), steps=6, batch=16, test_size=64,
         interventions=("baseline", "xpool"),
@@ -177,7 +189,7 @@ def make_batch(cfg: ExperimentConfig, n: int, rotate: bool, g: torch.Generator, 
     """``n`` images of the config's data (flipped at random when ``gflip`` is given and the
     config flips), rotated 90 degrees counter-clockwise when ``rotate``; and labels.
     ``split`` picks the photo set's train or test images (generated scenes ignore it)."""
-    kw = {"split": split} if cfg.data == "fashion" else {}
+    kw = {"split": split} if cfg.data in ("fashion", "photos") else {}
     x, y = DATASETS[cfg.data][0](n, cfg.size, g, **kw)
     if cfg.flip and gflip is not None:
         f = torch.rand(x.shape[0], generator=gflip) < 0.5
@@ -470,3 +482,30 @@ def _cfg_key(cfg: ExperimentConfig) -> str:
     d = asdict(cfg)
     d.pop("interventions")
     return repr(sorted(d.items()))
+
+
+def xpool_control(results: list[ExperimentResult], layer: str = "5a") -> dict:
+    """The x-pooling control over seeds: ``layer``'s horizontally banded share and median V_y
+    under x-pooling, against the baseline (same seed) and against x-pooling on rotated inputs.
+
+    "Banding moved one layer earlier" needs ``xpool`` > ``baseline`` (more horizontal banding
+    in ``layer`` than without x-pooling) and ``xpool`` > ``xpool_rotate`` (where the useful axis
+    is averaged away, so x-pooling alone must not produce it). Returns per-seed rows and the
+    mean and spread (population standard deviation) of every column over seeds."""
+    import statistics
+
+    rows = []
+    for res in results:
+        row = {"seed": res.config.seed}
+        for run in ("baseline", "xpool", "xpool_rotate"):
+            r = _rec(res, run, layer)
+            row[f"{run}_horizontal"] = r["horizontal_fraction"] if r else math.nan
+            row[f"{run}_v_y"] = r["v_y_median"] if r else math.nan
+        row["xpool_minus_baseline"] = row["xpool_horizontal"] - row["baseline_horizontal"]
+        row["xpool_minus_rotated"] = row["xpool_horizontal"] - row["xpool_rotate_horizontal"]
+        rows.append(row)
+    keys = [k for k in rows[0] if k != "seed"] if rows else []
+    mean = {k: statistics.fmean(r[k] for r in rows) for k in keys}
+    spread = {k: statistics.pstdev([r[k] for r in rows]) for k in keys}
+    moved = bool(rows) and all(r["xpool_minus_baseline"] > 0 and r["xpool_minus_rotated"] > 0 for r in rows)
+    return {"layer": layer, "rows": rows, "mean": mean, "spread": spread, "moved_earlier_every_seed": moved}

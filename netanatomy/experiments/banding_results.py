@@ -264,3 +264,56 @@ def write_results(res, out, command: str | None = None) -> Path:
     text += _handwritten(path)
     atomic_write_text(path, text)
     return path
+
+
+SEED_RUNS = ("baseline", "rotate", "nopool", "xpool", "xpool_rotate")
+
+
+def seeds_summary(results) -> dict:
+    """Per-seed rows (run, layer 5a/5b: test accuracy, banded shares, median V) and the
+    mean and spread (population standard deviation) over seeds of every number."""
+    import statistics
+
+    rows = []
+    for res in results:
+        for run in SEED_RUNS:
+            for layer in ("5a", "5b"):
+                lb = res.layers.get((run, layer))
+                if lb is None:
+                    continue
+                r = lb.record
+                rows.append({"seed": res.config.seed, "run": run, "layer": layer, "accuracy": res.runs[run]["accuracy"],
+                             "horizontal": r["horizontal_fraction"], "vertical": r["vertical_fraction"],
+                             "banded": r["banded_fraction"], "v_y": r["v_y_median"], "v_x": r["v_x_median"],
+                             "orientation": r["orientation"]})
+    agg = {}
+    for key in sorted({(r["run"], r["layer"]) for r in rows}, key=lambda k: (SEED_RUNS.index(k[0]), k[1])):
+        sel = [r for r in rows if (r["run"], r["layer"]) == key]
+        agg[key] = {c: (statistics.fmean(r[c] for r in sel), statistics.pstdev([r[c] for r in sel]))
+                    for c in ("accuracy", "horizontal", "vertical", "banded", "v_y", "v_x")}
+    return {"rows": rows, "mean_spread": agg}
+
+
+def seeds_markdown(results, command: str, control: dict) -> str:
+    s = seeds_summary(results)
+    L = ["# Weight banding on photo crops, over seeds\n", f"Regenerate: `{command}`\n",
+         "Per-seed details (pictures, all layers): `banding_<config>.md` for each config below.\n",
+         "## Mean and spread over seeds (population standard deviation)\n",
+         "| run | layer | test accuracy | horizontally banded | vertically banded | banded | median V_y | median V_x |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (run, layer), a in s["mean_spread"].items():
+        L.append(f"| {run} | {layer} | " + " | ".join(f"{100 * a[c][0]:.1f}% ± {100 * a[c][1]:.1f}" if c not in ("v_y", "v_x")
+                                                  else f"{a[c][0]:.2f} ± {a[c][1]:.2f}"
+                                                  for c in ("accuracy", "horizontal", "vertical", "banded", "v_y", "v_x")) + " |")
+    L += ["", "## Per seed\n", "| seed | run | layer | test accuracy | orientation | horizontally banded | vertically banded | banded | median V_y | median V_x |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in s["rows"]:
+        L.append(f"| {r['seed']} | {r['run']} | {r['layer']} | {_pct(r['accuracy'])} | {r['orientation']} | {_pct(r['horizontal'])} | "
+                 f"{_pct(r['vertical'])} | {_pct(r['banded'])} | {_f(r['v_y'])} | {_f(r['v_x'])} |")
+    L += ["", f"## x-pooling control ({control['layer']}: horizontally banded share)\n",
+          "| seed | baseline | xpool | xpool on rotated inputs | xpool - baseline | xpool - rotated |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in control["rows"]:
+        L.append(f"| {r['seed']} | {_pct(r['baseline_horizontal'])} | {_pct(r['xpool_horizontal'])} | {_pct(r['xpool_rotate_horizontal'])} | "
+                 f"{_pct(r['xpool_minus_baseline'])} | {_pct(r['xpool_minus_rotated'])} |")
+    L.append(f"\nBanding moved one layer earlier on every seed (xpool above both): **{'yes' if control['moved_earlier_every_seed'] else 'no'}**.\n")
+    return "\n".join(L) + "\n"

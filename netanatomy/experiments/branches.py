@@ -20,7 +20,6 @@ tests of colourfulness and frequency between towers, and the SVD of
 
 from __future__ import annotations
 
-import glob
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -33,18 +32,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from ..errors import UserError
-
-# photographs shipped by Debian packages (see results/branches.md for the list);
-# illustrations and abstract patterns from the same packages are left out
-PHOTO_GLOBS = (
-    "/usr/share/backgrounds/*.jpg",  # lomiri-wallpapers-16.04
-    "/usr/share/backgrounds/mate/nature/*.jpg",  # mate-backgrounds
-    "/usr/share/wallpapers/*/contents/images/*.jpg",  # plasma-workspace-wallpapers
-)
-NOT_PHOTOS = (
-    "analogpattern", "umang", "Autumn", "Flow", "Honeywave", "PastelHills", "SafeLanding", "Shell",
-)
-
+from ._kit import NOT_PHOTOS, PHOTO_GLOBS, _pixels, _resize, load_photos, photo_paths  # noqa: F401 (moved; re-exported)
 
 @dataclass
 class Config:
@@ -81,71 +69,6 @@ CONFIGS = {
 
 # ---------------------------------------------------------------------------
 # data
-
-
-def photo_paths() -> list[str]:
-    paths: list[str] = []
-    for g in PHOTO_GLOBS:
-        for p in sorted(glob.glob(g)):
-            if any(bad in p for bad in NOT_PHOTOS):
-                continue
-            if "/wallpapers/" in p:  # one size per plasma wallpaper: the smallest
-                folder = str(Path(p).parent)
-                if any(str(Path(q).parent) == folder for q in paths):
-                    continue
-                sizes = sorted(glob.glob(folder + "/*.jpg"), key=lambda q: _pixels(q))
-                p = sizes[0]
-            paths.append(p)
-    return paths
-
-
-def _pixels(path: str) -> int:
-    stem = Path(path).stem
-    try:
-        w, h = stem.split("x")
-        return int(w) * int(h)
-    except ValueError:
-        return 1 << 40
-
-
-def load_photos(short_side: int, max_photos: int = 0) -> tuple[list[np.ndarray], list[str]]:
-    """Offline photographs as float32 arrays (H, W, 3) in [0, 1]."""
-    from PIL import Image
-
-    images, names = [], []
-    for p in photo_paths():
-        with Image.open(p) as im:
-            images.append(_resize(np.asarray(im.convert("RGB")), short_side))
-        names.append(Path(p).parts[-4] if "/wallpapers/" in p else Path(p).stem)
-    try:
-        import skimage.data as sk
-
-        for n in ("astronaut", "coffee", "chelsea", "rocket"):
-            images.append(_resize(getattr(sk, n)(), short_side))
-            names.append(f"skimage.{n}")
-    except Exception:  # scikit-image is optional
-        pass
-    try:
-        from sklearn.datasets import load_sample_images
-
-        for n, im in zip(("china", "flower"), load_sample_images().images):
-            images.append(_resize(im, short_side))
-            names.append(f"sklearn.{n}")
-    except Exception:  # scikit-learn is optional
-        pass
-    if max_photos:
-        images, names = images[:max_photos], names[:max_photos]
-    return images, names
-
-
-def _resize(arr: np.ndarray, short_side: int) -> np.ndarray:
-    from PIL import Image
-
-    im = Image.fromarray(arr.astype(np.uint8))
-    w, h = im.size
-    s = short_side / min(w, h)
-    im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
-    return np.asarray(im, dtype=np.float32) / 255.0
 
 
 class CropTask:

@@ -267,9 +267,89 @@ def make_fashion(n: int, size: int = 56, generator: torch.Generator | None = Non
     return (img - 0.5) * 2.0, Y[idx].clone()
 
 
+# ---------------------------------------------------------------------------
+# Crops of real photographs whose class is where they sit vertically, and which way up.
+
+PHOTO_BANDS = 5
+PHOTO_CLASSES = tuple((f"band {b} {'upside-down' if u else 'upright'}", ()) for b in range(PHOTO_BANDS) for u in (0, 1))
+PHOTO_SHORT_SIDE = 192
+_PHOTOS: dict[tuple[int, int], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+
+def photo_strips(images, size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Split every photo (H, W, 3 arrays in [0, 1]) into a training part and a held-out
+    test strip: the right-most ``size + 8`` columns. Every photo is in both splits, so the
+    test crops are unseen pixels of seen photos (no test crop overlaps a training crop)."""
+    import numpy as np
+
+    from ..errors import UserError
+
+    train, test = [], []
+    for im in images:
+        t = torch.from_numpy(np.ascontiguousarray(im, dtype=np.float32)).permute(2, 0, 1)
+        cut = t.shape[2] - (size + 8)
+        if cut < size or t.shape[1] < size + PHOTO_BANDS:
+            raise UserError(f"a photo of {tuple(t.shape[1:])} pixels is too small for {size}-pixel crops with a held-out strip")
+        train.append(t[:, :, :cut])
+        test.append(t[:, :, cut:])
+    return train, test
+
+
+def _photo_splits(size: int):
+    key = (PHOTO_SHORT_SIDE, size)
+    if key not in _PHOTOS:
+        from ..errors import UserError
+        from ._kit import load_photos
+
+        images, _ = load_photos(PHOTO_SHORT_SIDE)
+        if len(images) < 2:
+            raise UserError("fewer than 2 offline photographs found (install lomiri-wallpapers-16.04, mate-backgrounds, "
+                            "plasma-workspace-wallpapers or scikit-image)")
+        _PHOTOS[key] = photo_strips(images, size)
+    return _PHOTOS[key]
+
+
+def crop_photos(photos: list[torch.Tensor], n: int, size: int, g: torch.Generator, labels: torch.Tensor | None = None):
+    """``n`` crops of ``photos`` ((3, H, W) tensors in [0, 1]); class ``2 * band + upside_down``:
+    ``band`` is which of ``PHOTO_BANDS`` equal ranges of the crop's top row (0 .. H - size) it
+    was cut at, counted from the top of the photo, and upside-down crops are rotated 180 degrees.
+    Returns (n, 3, size, size) in [-1, 1] and labels (n,)."""
+    if labels is None:
+        labels = torch.randint(2 * PHOTO_BANDS, (n,), generator=g)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    n = len(labels)
+    out = torch.empty(n, 3, size, size)
+    which = torch.randint(len(photos), (n,), generator=g)
+    u01 = torch.rand(n, generator=g)
+    xs = torch.rand(n, generator=g)
+    for i in range(n):
+        im = photos[int(which[i])]
+        band, upside = divmod(int(labels[i]), 2)
+        span = im.shape[1] - size + 1  # possible top rows
+        lo, hi = band * span // PHOTO_BANDS, (band + 1) * span // PHOTO_BANDS
+        y = lo + min(hi - lo - 1, int(u01[i] * (hi - lo)))
+        x = min(im.shape[2] - size, int(xs[i] * (im.shape[2] - size + 1)))
+        patch = im[:, y : y + size, x : x + size]
+        out[i] = patch.flip(1, 2) if upside else patch
+    return (out - 0.5) * 2.0, labels.clone()
+
+
+def make_photos(n: int, size: int = 56, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
+                split: str = "train"):
+    """Crops of the offline photographs (:func:`netanatomy.experiments._kit.load_photos`, shorter
+    side 192 px): the class says which fifth of the photo's height the crop comes from and
+    whether it is upside-down (10 classes), so vertical position and orientation carry the
+    label. Training crops come from each photo but its right-most strip; test crops
+    (``split="test"``) from that strip."""
+    g = generator or torch.Generator().manual_seed(0)
+    train, test = _photo_splits(size)
+    return crop_photos(train if split == "train" else test, n, size, g, labels)
+
+
 # name -> (generator(n, size, generator[, labels][, split]) -> (images, labels), classes)
 DATASETS = {
     "scenes": (make_scenes, CLASSES),
     "topbottom": (make_topbottom, TB_CLASSES),
     "fashion": (make_fashion, FASHION_CLASSES),
+    "photos": (make_photos, PHOTO_CLASSES),
 }
