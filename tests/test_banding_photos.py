@@ -65,3 +65,92 @@ def test_xpool_control_on_hand_made_weights():
     row = out["rows"][0]
     assert row["xpool_horizontal"] > 0.9 and row["baseline_horizontal"] < 0.5 and row["xpool_rotate_horizontal"] < 0.5
     assert out["moved_earlier_every_seed"] and out["spread"]["xpool_horizontal"] == 0.0
+
+
+def _fake_results(shares):
+    """Results-like objects: per seed, a record per (run, 5a/5b) with the given banded shares."""
+    from types import SimpleNamespace
+
+    out = []
+    for seed, per_run in enumerate(shares):
+        layers = {}
+        for (run, layer), (h, v) in per_run.items():
+            orient = "horizontal" if h >= 0.25 and h >= 2 * v else ("vertical" if v >= 0.25 and v >= 2 * h else "none")
+            rec = {"horizontal_fraction": h, "vertical_fraction": v, "banded_fraction": h + v, "v_y_median": h,
+                   "v_x_median": v, "orientation": orient}
+            layers[(run, layer)] = SimpleNamespace(record=rec)
+        runs = {run: {"accuracy": 0.5} for run, _ in per_run}
+        out.append(SimpleNamespace(config=SimpleNamespace(seed=seed, name=f"cfg_seed{seed}"), layers=layers, runs=runs))
+    return out
+
+
+def test_seed_verdicts_follow_the_fixed_goals():
+    from netanatomy.experiments.banding_results import seeds_summary, seeds_verdicts
+
+    def seed(base_h, rot_v, nopool_h, xp5a, base5a, xr5a):
+        return {("baseline", "5b"): (base_h, 0.0), ("baseline", "5a"): (base5a, 0.0), ("rotate", "5b"): (0.0, rot_v),
+                ("nopool", "5b"): (nopool_h, 0.0), ("xpool", "5a"): (xp5a, 0.0), ("xpool_rotate", "5a"): (xr5a, 0.0)}
+
+    def control(results):
+        rows = []
+        for r in results:
+            row = {"seed": r.config.seed, "baseline_horizontal": r.layers[("baseline", "5a")].record["horizontal_fraction"],
+                   "xpool_horizontal": r.layers[("xpool", "5a")].record["horizontal_fraction"],
+                   "xpool_rotate_horizontal": r.layers[("xpool_rotate", "5a")].record["horizontal_fraction"]}
+            row["xpool_minus_baseline"] = row["xpool_horizontal"] - row["baseline_horizontal"]
+            row["xpool_minus_rotated"] = row["xpool_horizontal"] - row["xpool_rotate_horizontal"]
+            rows.append(row)
+        keys = [k for k in rows[0] if k != "seed"]
+        mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+        return {"layer": "5a", "rows": rows, "mean": mean, "spread": {k: 0.0 for k in keys},
+                "moved_earlier_every_seed": all(r["xpool_minus_baseline"] > 0 and r["xpool_minus_rotated"] > 0 for r in rows)}
+
+    # all goals met on every seed
+    res = _fake_results([seed(0.9, 0.85, 0.1, 0.8, 0.5, 0.1), seed(0.85, 0.9, 0.15, 0.7, 0.6, 0.0)])
+    v = {d["finding"]: d["verdict"] for d in seeds_verdicts(seeds_summary(res), control(res))}
+    assert v == {"baseline": "strong", "rotate": "strong", "nopool": "strong", "xpool": "strong"}
+    # the mean misses 80% but every seed is horizontal: weak; one seed with no orientation: not
+    res = _fake_results([seed(0.6, 0.7, 0.25, 0.4, 0.5, 0.1), seed(0.5, 0.1, 0.55, 0.9, 0.6, 0.0)])
+    v = {d["finding"]: d["verdict"] for d in seeds_verdicts(seeds_summary(res), control(res))}
+    assert v["baseline"] == "weak" and v["rotate"] == "not"
+    # no-pool 40% banded vs baseline 55%: not under half the baseline, so not reproduced
+    assert v["nopool"] == "not"
+    # x-pool: moved earlier in the mean (0.65 vs 0.55 / 0.05) but not on seed 0: weak
+    assert v["xpool"] == "weak"
+
+
+def test_banding_seeds_command_end_to_end(tmp_path, monkeypatch, capsys):
+    import json
+
+    import pytest
+
+    from netanatomy.cli import main
+    from netanatomy.experiments import scenes
+    from netanatomy.experiments.banding import CONFIGS, seed_config
+
+    assert seed_config("photos_long", 1) == CONFIGS["photos_long_seed1"]  # saved weights of either are found
+    size = 28
+    photos = [_synthetic_photo(64, 96), _synthetic_photo(70, 90)]
+    monkeypatch.setitem(scenes._PHOTOS, (scenes.PHOTO_SHORT_SIDE, size), photo_strips(photos, size))
+    def run(*args):
+        with pytest.raises(SystemExit) as exc:
+            main(["experiment", "banding-seeds", "--config", "photos_smoke", *args])
+        return exc.value.code
+
+    assert run("--seeds", "0,3", "--out", str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "baseline (5b" in out and "xpool (5a" in out
+    doc = json.loads((tmp_path / "banding_photos_smoke_seeds.json").read_text())
+    assert doc["configs"] == ["photos_smoke", "photos_smoke_seed3"]
+    assert {r["seed"] for r in doc["rows"]} == {0, 3} and len(doc["xpool_control"]["rows"]) == 2
+    assert {v["finding"] for v in doc["verdicts"]} == {"baseline", "rotate", "nopool", "xpool"}
+    md = (tmp_path / "banding_photos_smoke_seeds.md").read_text()
+    assert "## Verdicts" in md and "banding-seeds --config photos_smoke" in md
+    assert (tmp_path / "banding_photos_smoke_seed3.md").is_file()
+    # a second run reuses every saved run and trains nothing
+    before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "banding_weights").iterdir())
+    assert run("--seeds", "0,3", "--out", str(tmp_path), "--rescore") == 0
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "banding_weights").iterdir()) == before
+    capsys.readouterr()
+    for args, msg in ((["--seeds", "1,1"], "repeats"), (["--seeds", "a"], "integers"), (["--config", "nope"], "unknown config")):
+        assert run("--out", str(tmp_path / "x"), *args) == 2 and msg in capsys.readouterr().err

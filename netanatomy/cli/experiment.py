@@ -13,7 +13,7 @@ from ..errors import UserError
 
 
 def register(app: typer.Typer, experiment_app: typer.Typer) -> None:
-    for add in (_banding, _branches, _width, _synthesis):
+    for add in (_banding, _banding_seeds, _branches, _width, _synthesis):
         add(experiment_app)
 
 
@@ -32,7 +32,7 @@ def _command(args: list[str]) -> str | None:
 def _banding(experiment_app: typer.Typer) -> None:
     @experiment_app.command("banding")
     def banding_experiment(
-        config: str = typer.Option("fashion", "--config", help="fashion (the reported runs: upright object photos), quick (smoke test, seconds), small / small_long (landscape scenes; small_long: baseline and rotation 3x longer), topbottom (scenes whose class is a long-range vertical relation), full"),
+        config: str = typer.Option("fashion", "--config", help="fashion (the reported runs: upright object photos), quick (smoke test, seconds), small / small_long (landscape scenes; small_long: baseline and rotation 3x longer), topbottom (scenes whose class is a long-range vertical relation), photos / photos_long (photo crops: vertical fifth and orientation; seeds via banding-seeds), photos_smoke, full"),
         out: Path = typer.Option(Path("results"), "--out", help="directory for banding.md, banding_*.png and banding_weights/"),
         only: Optional[str] = typer.Option(None, "--only", help="comma-separated interventions (baseline,rotate,nopool,xpool,xpool_rotate)"),
         threads: int = typer.Option(1, "--threads", help="torch CPU threads"),
@@ -73,6 +73,47 @@ def _banding(experiment_app: typer.Typer) -> None:
         from ..experiments.banding_results import prefix_for
 
         typer.echo(f"wrote {out / (prefix_for(res.config.name) + '.md')}")
+
+
+def _banding_seeds(experiment_app: typer.Typer) -> None:
+    @experiment_app.command("banding-seeds")
+    def banding_seeds(
+        config: str = typer.Option("photos_long", "--config", help="the config run once per seed (other seeds: <config>_seed<N>)"),
+        seeds: str = typer.Option("0,1,2", "--seeds", help="comma-separated seeds"),
+        out: Path = typer.Option(Path("results"), "--out", help="directory for banding_<config>_seeds.md/.json, the per-seed files and banding_weights/"),
+        threads: int = typer.Option(1, "--threads", help="torch CPU threads"),
+        rescore: bool = typer.Option(False, "--rescore", help="train nothing: recompute from the saved weights"),
+        weights: Optional[Path] = typer.Option(None, "--weights", help="directory of the trained weights (default OUT/banding_weights)"),
+    ) -> None:
+        """Run one banding config over several seeds (reusing saved runs) and write the over-seeds table, the x-pool control and a verdict per finding."""
+        import shlex
+
+        import torch
+
+        from ..experiments.banding import run_experiment, seed_config, xpool_control
+        from ..experiments.banding_results import seeds_verdicts, seeds_summary, write_seeds_results
+
+        seed_list = parse_list(seeds, int, "--seeds", "integers")
+        if len(set(seed_list)) != len(seed_list):
+            raise UserError("--seeds repeats a seed")
+        if not seed_list:
+            raise UserError("--seeds names no seed")
+        cfgs = [seed_config(config, s) for s in seed_list]
+        if threads < 1:
+            raise UserError("--threads must be at least 1")
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} exists and is not a directory")
+        torch.set_num_threads(threads)
+        results = [run_experiment(c, out, log=lambda m, c=c: typer.echo(f"[{c.name}] {m}", err=True), weights=weights,
+                                  rescore=rescore, command=f"netanatomy experiment banding --config {c.name} --out {shlex.quote(str(out))}")
+                   for c in cfgs]
+        control = xpool_control(results)
+        command = (f"netanatomy experiment banding-seeds --config {config} --seeds {','.join(map(str, seed_list))} "
+                   f"--out {shlex.quote(str(out))}" + (f" --weights {shlex.quote(str(weights))}" if weights else ""))
+        path = write_seeds_results(results, out, command, control)
+        for v in seeds_verdicts(seeds_summary(results), control):
+            typer.echo(f"{v['finding']} ({v['layer']}, {v['measure']}): mean {100 * v['mean']:.1f}%, goal {v['goal']}: {v['verdict']}")
+        typer.echo(f"wrote {path}")
 
 
 def _branches(experiment_app: typer.Typer) -> None:

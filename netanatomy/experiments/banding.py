@@ -487,6 +487,20 @@ def run_experiment(
     return res
 
 
+def seed_config(config: str, seed: int) -> ExperimentConfig:
+    """``config`` with another seed, named ``<config>_seed<seed>`` (the base config itself for
+    its own seed). Equal to a predefined ``<config>_seed<seed>`` when that only changes the seed,
+    so saved weights of either are found."""
+    from ..errors import UserError
+
+    if config not in CONFIGS:
+        raise UserError(f"unknown config {config!r} (choose from {', '.join(CONFIGS)})")
+    base = CONFIGS[config]
+    if seed == base.seed:
+        return base
+    return replace(base, name=f"{config}_seed{seed}", seed=seed)
+
+
 def _cfg_key(cfg: ExperimentConfig) -> str:
     d = asdict(cfg)
     d.pop("interventions")

@@ -294,11 +294,66 @@ def seeds_summary(results) -> dict:
     return {"rows": rows, "mean_spread": agg}
 
 
+# The issue's goals for the last conv (5b), fixed before the multi-seed runs: the mean over seeds
+# of the share banded the expected way (no-pool: banded at all) against its goal.
+GOALS = {
+    "baseline": ("horizontal", ">=", 0.8, "horizontal"),
+    "rotate": ("vertical", ">=", 0.8, "vertical"),
+    "nopool": ("banded", "<", 0.2, None),
+}
+
+
+def seeds_verdicts(summary: dict, control: dict) -> list[dict]:
+    """One verdict per finding from :func:`seeds_summary` and the x-pool control.
+
+    ``strong``: the mean over seeds meets the goal. ``weak``: it does not, but every seed's 5b
+    has the expected orientation (baseline / rotate), or the mean banded share is below half the
+    baseline's (no-pool). ``not``: otherwise. x-pooling: ``strong`` when banding moved one
+    layer earlier on every seed (5a more horizontal than both the baseline and x-pool on
+    rotated inputs), ``weak`` when it did in the mean only, else ``not``."""
+    out = []
+    agg = summary["mean_spread"]
+    rows = summary["rows"]
+    for run, (col, op, goal, orient) in GOALS.items():
+        a = agg.get((run, "5b"))
+        if a is None:
+            continue
+        mean, spread = a[col]
+        met = mean >= goal if op == ">=" else mean < goal
+        if met:
+            verdict = "strong"
+        elif orient is not None:
+            per_seed = [r["orientation"] for r in rows if r["run"] == run and r["layer"] == "5b"]
+            verdict = "weak" if per_seed and all(o == orient for o in per_seed) else "not"
+        else:
+            base = agg.get(("baseline", "5b"))
+            verdict = "weak" if base is not None and mean < 0.5 * base["banded"][0] else "not"
+        out.append({"finding": run, "layer": "5b", "measure": f"{col} share", "goal": f"{op} {100 * goal:.0f}%",
+                    "mean": mean, "spread": spread, "verdict": verdict})
+    if control.get("rows"):
+        m = control["mean"]
+        moved_mean = m["xpool_minus_baseline"] > 0 and m["xpool_minus_rotated"] > 0
+        out.append({"finding": "xpool", "layer": control["layer"], "measure": "horizontal share vs baseline and xpool_rotate",
+                    "goal": "above both on every seed", "mean": m["xpool_horizontal"], "spread": control["spread"]["xpool_horizontal"],
+                    "verdict": "strong" if control["moved_earlier_every_seed"] else ("weak" if moved_mean else "not")})
+    return out
+
+
 def seeds_markdown(results, command: str, control: dict) -> str:
     s = seeds_summary(results)
-    L = ["# Weight banding on photo crops, over seeds\n", f"Regenerate: `{command}`\n",
-         "Per-seed details (pictures, all layers): `banding_<config>.md` for each config below.\n",
-         "## Mean and spread over seeds (population standard deviation)\n",
+    names = ", ".join(f"`{r.config.name}`" for r in results)
+    L = ["# Weight banding over seeds\n", f"Regenerate: `{command}`\n",
+         f"Configs (one per seed): {names}. Per-seed details (pictures, all layers): `banding_<config>.md` for each.\n",
+         "## Verdicts\n",
+         "Goals and verdict rules fixed in code (`banding_results.GOALS`, `seeds_verdicts`) before the multi-seed runs: "
+         "strong = the mean over seeds meets the goal; weak = it does not, but every seed shows the expected orientation "
+         "(no-pool: less than half as banded as the baseline; x-pool: moved earlier in the mean only); not = otherwise.\n",
+         "| finding | layer | measure | goal | mean ± spread | verdict |", "| --- | --- | --- | --- | --- | --- |"]
+    for v in seeds_verdicts(s, control):
+        L.append(f"| {v['finding']} | {v['layer']} | {v['measure']} | {v['goal']} | {_pct(v['mean'])} ± {100 * v['spread']:.1f} | "
+                 f"**{v['verdict']}** |")
+    L += [""]
+    L += ["## Mean and spread over seeds (population standard deviation)\n",
          "| run | layer | test accuracy | horizontally banded | vertically banded | banded | median V_y | median V_x |",
          "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (run, layer), a in s["mean_spread"].items():
@@ -317,3 +372,21 @@ def seeds_markdown(results, command: str, control: dict) -> str:
                  f"{_pct(r['xpool_minus_baseline'])} | {_pct(r['xpool_minus_rotated'])} |")
     L.append(f"\nBanding moved one layer earlier on every seed (xpool above both): **{'yes' if control['moved_earlier_every_seed'] else 'no'}**.\n")
     return "\n".join(L) + "\n"
+
+
+def write_seeds_results(results, out, command: str, control: dict) -> Path:
+    """``OUT/banding_<first config>_seeds.md`` and ``.json`` from the per-seed results."""
+    import json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = prefix_for(results[0].config.name) + "_seeds"
+    s = seeds_summary(results)
+    doc = {"command": command, "configs": [r.config.name for r in results], "rows": s["rows"],
+           "mean_spread": [{"run": run, "layer": layer, **{k: {"mean": v[0], "spread": v[1]} for k, v in a.items()}}
+                           for (run, layer), a in s["mean_spread"].items()],
+           "xpool_control": control, "verdicts": seeds_verdicts(s, control)}
+    atomic_write_text(out / f"{stem}.json", json.dumps(doc, indent=1, allow_nan=True) + "\n")
+    path = out / f"{stem}.md"
+    atomic_write_text(path, seeds_markdown(results, command, control) + _handwritten(path))
+    return path
