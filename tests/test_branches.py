@@ -517,18 +517,19 @@ def test_analyze_cli_bad_option(tmp_path, capsys):
     assert "correction" in err and "Traceback" not in err
 
 
-def test_experiment_smoke_config_runs(tmp_path):
-    """The smoke configuration of ``netanatomy experiment branches`` runs end to end on the offline photos."""
+@pytest.mark.parametrize("name", ["smoke", "smoke_alexstem"])
+def test_experiment_smoke_config_runs(tmp_path, name):
+    """The smoke configurations of ``netanatomy experiment branches`` run end to end on the offline photos."""
     from netanatomy.cli import main
     from netanatomy.experiments.branches import CONFIGS, load_photos
 
-    cfg = CONFIGS["smoke"]
+    cfg = CONFIGS[name]
     if len(load_photos(cfg.short_side)[0]) < 4:
         pytest.skip("fewer than 4 offline photographs (wallpaper packages, scikit-image)")
     assert cfg.short_side * 0.2 >= cfg.crop  # the held-out strip of a square photo holds one crop
     out = tmp_path / "br"
     with pytest.raises(SystemExit) as exc:
-        main(["experiment", "branches", "--config", "smoke", "--out", str(out)])
+        main(["experiment", "branches", "--config", name, "--out", str(out)])
     assert exc.value.code == 0
     doc = json.loads((out / "branches_runs.json").read_text())
     assert len(doc["runs"]) == 2 and (out / "branches.md").is_file()
