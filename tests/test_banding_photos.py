@@ -154,3 +154,35 @@ def test_banding_seeds_command_end_to_end(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     for args, msg in ((["--seeds", "1,1"], "repeats"), (["--seeds", "a"], "integers"), (["--config", "nope"], "unknown config")):
         assert run("--out", str(tmp_path / "x"), *args) == 2 and msg in capsys.readouterr().err
+
+
+def test_photo_id_labels_give_photo_and_orientation(monkeypatch):
+    from netanatomy.experiments.scenes import PHOTO_IDS, crop_photo_ids
+
+    size = 10
+    # photo k: every pixel's blue channel k / 10, red its row / h
+    photos = []
+    for k in range(PHOTO_IDS):
+        im = torch.tensor(_synthetic_photo(40, 50))
+        im[..., 2] = k / 10
+        photos.append(im.permute(2, 0, 1).contiguous())
+    labels = torch.arange(2 * PHOTO_IDS).repeat(6)
+    x, y = crop_photo_ids(photos, len(labels), size, torch.Generator().manual_seed(1), labels)
+    assert torch.equal(y, labels)
+    for i, lab in enumerate(labels.tolist()):
+        which, upside = divmod(lab, 2)
+        assert torch.allclose(x[i, 2] / 2 + 0.5, torch.full((size, size), which / 10), atol=1e-6)
+        col = x[i, 0, :, 0]
+        assert (col[-1] > col[0]) == (not upside)
+
+
+def test_photo_ids_smoke_config_end_to_end(tmp_path, monkeypatch):
+    from netanatomy.experiments import scenes
+    from netanatomy.experiments.banding import run_experiment
+
+    size = 28
+    photos = [_synthetic_photo(64 + 2 * k, 96) for k in range(5)]
+    monkeypatch.setitem(scenes._PHOTOS, (scenes.PHOTO_SHORT_SIDE, size), photo_strips(photos, size))
+    torch.set_num_threads(1)
+    res = run_experiment("photo_ids_smoke", tmp_path, write=False)
+    assert {r["experiment"] for r in res.table()} == {"baseline", "nopool"}

@@ -122,6 +122,24 @@ CONFIGS = {
                                   steps=4000, lr=3e-3, optimizer="adamw", data="photos", flip=True, seed=1),
     "photos_long_seed2": ExperimentConfig(name="photos_long_seed2", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3),
                                   steps=4000, lr=3e-3, optimizer="adamw", data="photos", flip=True, seed=2),
+    # photo identity and orientation (scenes.make_photo_ids): 5 photos x which way up. Added after
+    # photos_long showed every layer from 3a on x-constant even without pooling (that task needs
+    # vertical position only, so x-averaging pays at every depth): here which photo needs 2-D
+    # texture and colour, which way up needs vertical order, which global pooling loses unless
+    # channels keep it. Baseline and no-pool only (the finding at stake), 3000 steps, seeds 0-2;
+    # fixed before any run of it, thresholds unchanged.
+    "photo_ids": ExperimentConfig(name="photo_ids", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3),
+                                steps=3000, lr=3e-3, optimizer="adamw", data="photo_ids", flip=True,
+                                interventions=("baseline", "nopool")),
+    "photo_ids_seed1": ExperimentConfig(name="photo_ids_seed1", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3),
+                                steps=3000, lr=3e-3, optimizer="adamw", data="photo_ids", flip=True,
+                                interventions=("baseline", "nopool"), seed=1),
+    "photo_ids_seed2": ExperimentConfig(name="photo_ids_seed2", widths=(8, 16, 32, 32, 64, 64), kernels=(3, 3, 3, 3, 3, 3),
+                                steps=3000, lr=3e-3, optimizer="adamw", data="photo_ids", flip=True,
+                                interventions=("baseline", "nopool"), seed=2),
+    "photo_ids_smoke": ExperimentConfig(name="photo_ids_smoke", size=28, widths=(4, 8, 8, 8, 12, 12), kernels=(3, 3, 3, 3, 3, 3),
+                                        steps=4, batch=8, test_size=32, lr=3e-3, optimizer="adamw", data="photo_ids", flip=True,
+                                        interventions=("baseline", "nopool")),
     # the photos design in seconds, for the tests
     "photos_smoke": ExperimentConfig(name="photos_smoke", size=28, widths=(4, 8, 8, 8, 12, 12), kernels=(3, 3, 3, 3, 3, 3),
                                      steps=4, batch=8, test_size=32, lr=3e-3, optimizer="adamw", data="photos", flip=True),
@@ -198,7 +216,7 @@ def make_batch(cfg: ExperimentConfig, n: int, rotate: bool, g: torch.Generator, 
     """``n`` images of the config's data (flipped at random when ``gflip`` is given and the
     config flips), rotated 90 degrees counter-clockwise when ``rotate``; and labels.
     ``split`` picks the photo set's train or test images (generated scenes ignore it)."""
-    kw = {"split": split} if cfg.data in ("fashion", "photos") else {}
+    kw = {"split": split} if cfg.data in ("fashion", "photos", "photo_ids") else {}
     x, y = DATASETS[cfg.data][0](n, cfg.size, g, **kw)
     if cfg.flip and gflip is not None:
         f = torch.rand(x.shape[0], generator=gflip) < 0.5

@@ -330,7 +330,7 @@ def seeds_verdicts(summary: dict, control: dict) -> list[dict]:
             verdict = "weak" if base is not None and mean < 0.5 * base["banded"][0] else "not"
         out.append({"finding": run, "layer": "5b", "measure": f"{col} share", "goal": f"{op} {100 * goal:.0f}%",
                     "mean": mean, "spread": spread, "verdict": verdict})
-    if control.get("rows"):
+    if control.get("rows") and not math.isnan(control["mean"]["xpool_horizontal"]):  # x-pooling was run
         m = control["mean"]
         moved_mean = m["xpool_minus_baseline"] > 0 and m["xpool_minus_rotated"] > 0
         out.append({"finding": "xpool", "layer": control["layer"], "measure": "horizontal share vs baseline and xpool_rotate",

@@ -346,10 +346,48 @@ def make_photos(n: int, size: int = 56, generator: torch.Generator | None = None
     return crop_photos(train if split == "train" else test, n, size, g, labels)
 
 
+PHOTO_IDS = 5
+PHOTO_ID_CLASSES = tuple((f"photo {i} {'upside-down' if u else 'upright'}", ()) for i in range(PHOTO_IDS) for u in (0, 1))
+
+
+def crop_photo_ids(photos: list[torch.Tensor], n: int, size: int, g: torch.Generator, labels: torch.Tensor | None = None):
+    """``n`` crops, anywhere, of the first ``PHOTO_IDS`` of ``photos``; class ``2 * photo +
+    upside_down`` (upside-down crops rotated 180 degrees). Which photo takes texture and colour
+    from the whole crop; which way up takes the vertical order of what is in it."""
+    if len(photos) < PHOTO_IDS:
+        from ..errors import UserError
+
+        raise UserError(f"the photo-identity task needs {PHOTO_IDS} photographs, found {len(photos)}")
+    if labels is None:
+        labels = torch.randint(2 * PHOTO_IDS, (n,), generator=g)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    n = len(labels)
+    out = torch.empty(n, 3, size, size)
+    ys, xs = torch.rand(n, generator=g), torch.rand(n, generator=g)
+    for i in range(n):
+        which, upside = divmod(int(labels[i]), 2)
+        im = photos[which]
+        y = min(im.shape[1] - size, int(ys[i] * (im.shape[1] - size + 1)))
+        x = min(im.shape[2] - size, int(xs[i] * (im.shape[2] - size + 1)))
+        patch = im[:, y : y + size, x : x + size]
+        out[i] = patch.flip(1, 2) if upside else patch
+    return (out - 0.5) * 2.0, labels.clone()
+
+
+def make_photo_ids(n: int, size: int = 56, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
+                   split: str = "train"):
+    """Crops of five offline photographs: the class says which photo and which way up
+    (10 classes). Training crops from each photo but its right-most strip, test crops from it."""
+    g = generator or torch.Generator().manual_seed(0)
+    train, test = _photo_splits(size)
+    return crop_photo_ids(train if split == "train" else test, n, size, g, labels)
+
+
 # name -> (generator(n, size, generator[, labels][, split]) -> (images, labels), classes)
 DATASETS = {
     "scenes": (make_scenes, CLASSES),
     "topbottom": (make_topbottom, TB_CLASSES),
     "fashion": (make_fashion, FASHION_CLASSES),
     "photos": (make_photos, PHOTO_CLASSES),
+    "photo_ids": (make_photo_ids, PHOTO_ID_CLASSES),
 }
