@@ -92,7 +92,7 @@ def _scores(net, sd, data, tasks, splits=("val", "test")) -> dict:
 
 def run(config: str | Config = "merge", seed: int = 0, log=None) -> dict:
     """One seed of the experiment: every candidate's validation and test scores."""
-    from ..datasets import fashion_mnist, normalize_images
+    from ..datasets import fashion_mnist_normalized
     from ..synthesis.merge import merge
     from ..synthesis.soup import greedy_soup, uniform_soup
 
@@ -101,9 +101,7 @@ def run(config: str | Config = "merge", seed: int = 0, log=None) -> dict:
     say = log or (lambda m: None)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    xtr, ytr = fashion_mnist("train")
-    xte, yte = fashion_mnist("test")
-    xtr, xte = normalize_images(xtr), normalize_images(xte)
+    xtr, ytr, xte, yte = fashion_mnist_normalized()
     perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(s0))
     vi, ti = perm[: cfg.val_size], perm[cfg.val_size:]
     data = {"val": (xtr[vi], ytr[vi]), "test": (xte[: cfg.test_size], yte[: cfg.test_size])}
