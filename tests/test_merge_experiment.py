@@ -112,8 +112,22 @@ def test_reading_flags_a_chosen_value_at_the_grid_edge():
     md = mx.render_markdown([res(0, 0.1), res(1, 0.5)], "cmd")
     reading = md[md.index("## Reading"):]
     assert "task_arithmetic (seed 0: lam 0.1 (lowest))" in reading and "seed 1: lam" not in reading
+    assert "lambda 0, which is the start itself" in reading and "drop rate" not in reading
     assert "above the start in mean test: none" in reading
     assert "above the uniform soup in mean test: task_arithmetic" in reading
     assert "| task_arithmetic | 0.7000 (lam 0.1) * | 0.7000 (lam 0.5) |" in md
     md2 = mx.render_markdown([res(0, 0.5)], "cmd")
     assert "No chosen value sits at an edge" in md2
+
+
+def test_reading_names_the_limit_below_the_lowest_drop_rate():
+    rows = [_row("start", {}, 0.8, 0.8), _row("member 0", {"classes": [0]}, 0.3, 0.3),
+            _row("member 1", {"classes": [1]}, 0.4, 0.4), _row("uniform soup", {}, 0.6, 0.6), _row("greedy soup", {}, 0.6, 0.6),
+            _row("dare_linear", {"p": 0.1, "lam": 0.5}, 0.7, 0.7), _row("dare_linear", {"p": 0.5, "lam": 0.5}, 0.6, 0.6),
+            _row("dare_linear", {"p": 0.9, "lam": 0.5}, 0.5, 0.5)]
+    res = {"seed": 0, "rows": rows, "config": {"tasks": [[0], [1]], "widths": [4], "base_samples": 1, "base_lr": 0.1,
+           "member_samples": 1, "member_lr": 0.1, "val_size": 1, "test_size": 1,
+           "grids": {"dare_linear": [{"p": p, "lam": 0.5} for p in (0.1, 0.5, 0.9)]}}}
+    reading = mx.render_markdown([res], "cmd").split("## Reading")[1]
+    assert "dare_linear (seed 0: p 0.1 (lowest))" in reading
+    assert "p 0 (nothing dropped)" in reading and "lambda 0, which is the start" not in reading

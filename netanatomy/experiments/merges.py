@@ -343,6 +343,9 @@ def _read(agg: dict, n: int, seeds: list) -> list[str]:
         if any("lam" in x and "(lowest)" in x for _, _, e in edged for x in e):
             text += (" Below the lowest lambda lies only lambda 0, which is the start itself (task arithmetic, TIES and "
                      "DARE give start + lambda x a merged task vector), and the start is in the table.")
+        if any(x.startswith("p ") and "(lowest)" in x for _, _, e in edged for x in e):
+            text += (" Below the lowest drop rate lies p 0 (nothing dropped): DARE-linear is then task arithmetic, "
+                     "which is in the table, and DARE-TIES is TIES without trimming (density 1), which is not in the grid.")
         P.append(text)
     else:
         P.append("No chosen value sits at an edge of its grid.")
