@@ -131,3 +131,10 @@ def test_reading_names_the_limit_below_the_lowest_drop_rate():
     reading = mx.render_markdown([res], "cmd").split("## Reading")[1]
     assert "dare_linear (seed 0: p 0.1 (lowest))" in reading
     assert "p 0 (nothing dropped)" in reading and "lambda 0, which is the start" not in reading
+
+
+def test_paired_difference_says_when_it_is_within_noise():
+    agg = {"a": {"per_seed": [0.70, 0.72, 0.71]}, "b": {"per_seed": [0.71, 0.71, 0.71]},
+           "c": {"per_seed": [0.60, 0.61, 0.62]}}
+    assert "within 2 standard errors" in mx._diff(agg, "a", "b")
+    assert "above in 3/3 seeds (beyond 2 standard errors" in mx._diff(agg, "a", "c")

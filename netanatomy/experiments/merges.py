@@ -300,8 +300,13 @@ def _diff(agg: dict, a: str, b: str) -> str:
     """``a`` minus ``b`` in mean per-task test accuracy, paired by seed: mean (± std), and seeds where a > b."""
     d = [x - y for x, y in zip(agg[a]["per_seed"], agg[b]["per_seed"])]
     st = _stat(d)
-    return (f"{st['mean']:+.4f}" + (f" ± {st['std']:.4f}" if st["std"] is not None else "")
+    text = (f"{st['mean']:+.4f}" + (f" ± {st['std']:.4f}" if st["std"] is not None else "")
             + f", above in {sum(v > 0 for v in d)}/{len(d)} seeds")
+    if st["std"] is not None:
+        se = st["std"] / st["n"] ** 0.5
+        text += (" (within 2 standard errors of zero: not told apart from no difference)" if abs(st["mean"]) < 2 * se
+                 else " (beyond 2 standard errors of zero)")
+    return text
 
 
 def _read(agg: dict, n: int, seeds: list) -> list[str]:
