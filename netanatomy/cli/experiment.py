@@ -126,7 +126,7 @@ def _synthesis(experiment_app: typer.Typer) -> None:
     def experiment_cmd(
         config: str = typer.Option(
             "full", "--config",
-            help="full (soups from a weak start + barriers, ~25 min on one core), merge (task-vector merges vs soups, ~5 min per seed; merge-smoke), soups (soups from a strong pre-trained start, ~15 min), quick / soups-quick (smoke tests).",
+            help="full (soups from a weak start + barriers, ~25 min on one core), merge (task-vector merges vs soups, ~7-10 min per seed; merge-smoke), soups (soups from a strong pre-trained start, ~15 min), quick / soups-quick (smoke tests).",
         ),
         out: Path = typer.Option(Path("results"), "--out", help="Folder for synthesis.md, synthesis.json and the figure."),
         seed: int = typer.Option(
