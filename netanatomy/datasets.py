@@ -67,3 +67,13 @@ def normalize_images(x: torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W) -> float (N, 1, H, W) with Fashion-MNIST's mean and std."""
     x = x.unsqueeze(1) if x.dim() == 3 else x
     return ((x.float() / 255.0) - 0.2860) / 0.3530
+
+
+def fashion_mnist_normalized() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train and test splits, images normalised by :func:`normalize_images`.
+
+    Returns ``(x_train, y_train, x_test, y_test)``: float ``(N, 1, 28, 28)`` images, int64 labels.
+    """
+    xtr, ytr = fashion_mnist("train")
+    xte, yte = fashion_mnist("test")
+    return normalize_images(xtr), ytr, normalize_images(xte), yte

@@ -167,7 +167,7 @@ def _synthesis(experiment_app: typer.Typer) -> None:
     def experiment_cmd(
         config: str = typer.Option(
             "full", "--config",
-            help="full (soups from a weak start + barriers, ~25 min on one core), merge (task-vector merges vs soups, ~5 min per seed; merge-smoke), soups (soups from a strong pre-trained start, ~15 min), quick / soups-quick (smoke tests).",
+            help="full (soups from a weak start + barriers, ~25 min on one core), merge (task-vector merges vs soups, ~7-10 min per seed; merge-smoke), soups (soups from a strong pre-trained start, ~15 min), quick / soups-quick (smoke tests).",
         ),
         out: Path = typer.Option(Path("results"), "--out", help="Folder for synthesis.md, synthesis.json and the figure."),
         seed: int = typer.Option(
@@ -234,20 +234,24 @@ def _merge_experiment(mx, config: str, out: Path, seed: int, seeds, atomic_write
     if seed < 0:
         raise UserError(f"--seed must be >= 0, got {seed}")
     seed_list = [seed] if seeds is None else _parse_seeds(seeds)
+    if seeds is not None and seed != 0:
+        raise UserError("give either --seed or --seeds, not both")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder")
     console = _console()
     say = lambda m: console.print(m, markup=False)  # noqa: E731
+    stem = "synthesis_" + config.replace("-", "_")
     results = []
-    for s in seed_list:
+    for s in seed_list:  # the files are rewritten after every seed: an interrupted run keeps the seeds it finished
         say(f"seed {s}: running")
         results.append(mx.run(config, seed=s, log=say))
-    stem = "synthesis_" + config.replace("-", "_")
-    command = f"netanatomy experiment synthesis --config {config} " + (f"--seeds {','.join(map(str, seed_list))}" if seeds else f"--seed {seed}") + f" --out {out}"
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / f"{stem}.json", dumps({"results": results, "selected": mx.aggregate(results)}, indent=1) + "\n")
-    atomic_write_text(out / f"{stem}.md", mx.render_markdown(results, command))
-    say(f"wrote {out / (stem + '.md')}")
+        done = [r["seed"] for r in results]
+        out.mkdir(parents=True, exist_ok=True)
+        command = (f"netanatomy experiment synthesis --config {config} "
+                   + (f"--seeds {','.join(map(str, done))}" if seeds else f"--seed {seed}") + f" --out {out}")
+        atomic_write_text(out / f"{stem}.json", dumps({"results": results, "selected": mx.aggregate(results)}, indent=1) + "\n")
+        atomic_write_text(out / f"{stem}.md", mx.render_markdown(results, command))
+        say(f"wrote {out / (stem + '.md')} (seed(s) {', '.join(map(str, done))})")
 
 
 def _parse_seeds(text: str) -> list[int]:

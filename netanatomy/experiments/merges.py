@@ -4,7 +4,8 @@ One shared start (a :class:`SmallCNN` trained briefly on all ten classes) is
 fine-tuned once per *task*, a subset of the classes: each member keeps the
 10-way head but sees only its task's training images. The members are merged
 with every method of :mod:`netanatomy.synthesis.merge` over a small grid of its
-parameters, fixed in :data:`GRIDS` before any result was seen, and compared with
+parameters (:data:`GRIDS`: :data:`GRIDS_FIRST`, fixed before any result was seen,
+extended post-hoc beyond the edges its 2-seed run chose), and compared with
 each member, the start, the uniform soup and the greedy soup
 (:mod:`netanatomy.synthesis.soup`).
 
@@ -28,8 +29,8 @@ import torch
 from ._kit import SmallCNN
 from .soups import evaluate, train
 
-# Fixed before the first run (see the results file): one entry per candidate.
-GRIDS = {
+# The grid fixed before the first run; the 2-seed results of commit 11855cd were made with it.
+GRIDS_FIRST = {
     "task_arithmetic": [{"lam": v} for v in (0.3, 0.5, 0.7, 1.0)],
     "ties": [{"density": d, "lam": v} for d in (0.2, 0.5) for v in (0.5, 1.0, 1.5)],
     "dare_linear": [{"p": p, "lam": v} for p in (0.5, 0.9) for v in (0.5, 1.0)],
@@ -37,6 +38,23 @@ GRIDS = {
     "model_stock": [{}],
     "slerp": [{"t": t} for t in (0.3, 0.5, 0.7)],  # per pair of members
 }
+# Extended AFTER seeing those 2-seed results (post-hoc), only beyond the edges where a chosen
+# value sat (see GRID_EXTENSION); the selection rule (:func:`select`) is unchanged.
+GRIDS = {
+    "task_arithmetic": [{"lam": v} for v in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)],
+    "ties": [{"density": d, "lam": v} for d in (0.1, 0.2, 0.5, 0.8) for v in (0.1, 0.2, 0.3, 0.5, 1.0, 1.5)],
+    "dare_linear": [{"p": p, "lam": v} for p in (0.1, 0.3, 0.5, 0.9) for v in (0.1, 0.2, 0.3, 0.5, 1.0)],
+    "dare_ties": [{"p": p, "lam": v} for p in (0.1, 0.3, 0.5, 0.9) for v in (0.1, 0.2, 0.3, 0.5, 1.0, 1.5)],
+    "model_stock": [{}],
+    "slerp": [{"t": t} for t in (0.3, 0.5, 0.7)],
+}
+GRID_EXTENSION = (
+    "In the 2-seed run with the first grid (commit 11855cd), the value chosen on validation sat at an edge of "
+    "its grid for task arithmetic (lam 0.3, the lowest, both seeds), TIES (lam 0.5, the lowest, both seeds; density "
+    "0.5 = highest in one seed, 0.2 = lowest in the other), DARE linear and DARE-TIES (lam 0.5 and p 0.5, the lowest, "
+    "both seeds): the grid, not the method, may have limited them. SLERP's chosen t (0.5) was inside its grid and "
+    "model stock has no parameter; they are unchanged."
+)
 MERGE_METHODS = tuple(GRIDS)
 
 
@@ -92,7 +110,7 @@ def _scores(net, sd, data, tasks, splits=("val", "test")) -> dict:
 
 def run(config: str | Config = "merge", seed: int = 0, log=None) -> dict:
     """One seed of the experiment: every candidate's validation and test scores."""
-    from ..datasets import fashion_mnist, normalize_images
+    from ..datasets import fashion_mnist_normalized
     from ..synthesis.merge import merge
     from ..synthesis.soup import greedy_soup, uniform_soup
 
@@ -101,9 +119,7 @@ def run(config: str | Config = "merge", seed: int = 0, log=None) -> dict:
     say = log or (lambda m: None)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    xtr, ytr = fashion_mnist("train")
-    xte, yte = fashion_mnist("test")
-    xtr, xte = normalize_images(xtr), normalize_images(xte)
+    xtr, ytr, xte, yte = fashion_mnist_normalized()
     perm = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(s0))
     vi, ti = perm[: cfg.val_size], perm[cfg.val_size:]
     data = {"val": (xtr[vi], ytr[vi]), "test": (xte[: cfg.test_size], yte[: cfg.test_size])}
@@ -160,28 +176,69 @@ def select(res: dict) -> dict:
     return best
 
 
-def aggregate(results: list[dict]) -> dict:
-    """Per method, the selected row's test numbers over seeds: mean and spread."""
-    per: dict = {}
-    for res in results:
-        for m, r in select(res).items():
-            per.setdefault(m, []).append(r)
-    out = {}
-    for m, rs in per.items():
-        def stat(vals):
-            n = len(vals)
-            mu = sum(vals) / n
-            sd = (sum((v - mu) ** 2 for v in vals) / (n - 1)) ** 0.5 if n > 1 else None
-            return {"mean": mu, "std": sd, "n": n}
-        k = len(rs[0]["test"]["tasks"])
-        out[m] = {"tasks": [stat([r["test"]["tasks"][i] for r in rs]) for i in range(k)],
-                  "mean": stat([r["test"]["mean"] for r in rs]), "all": stat([r["test"]["all"] for r in rs]),
-                  "val_mean": stat([r["val"]["mean"] for r in rs]), "params": [r["params"] for r in rs]}
+def grid_edges(grid: list[dict], params: dict) -> list[str]:
+    """The chosen ``params`` that sit at an edge of ``grid``: for every parameter the grid
+    varies (two values or more), ``"<name> <value> (lowest)"`` or ``"... (highest)"``."""
+    out = []
+    for k, v in params.items():
+        vals = sorted({p[k] for p in grid if k in p})
+        if len(vals) < 2 or v not in vals:
+            continue
+        if v == vals[0]:
+            out.append(f"{k} {v} (lowest)")
+        elif v == vals[-1]:
+            out.append(f"{k} {v} (highest)")
     return out
 
 
+def grid_additions(grids: dict, first: dict | None = None) -> dict:
+    """Per method and parameter, the values of ``grids`` that ``first`` (default :data:`GRIDS_FIRST`) lacks."""
+    first = GRIDS_FIRST if first is None else first
+    out: dict = {}
+    for m, grid in grids.items():
+        for k in sorted({k for p in grid for k in p}):
+            new = sorted({p[k] for p in grid if k in p} - {p[k] for p in first.get(m, []) if k in p})
+            if new:
+                out.setdefault(m, {})[k] = new
+    return out
+
+
+def _stat(vals):
+    n = len(vals)
+    mu = sum(vals) / n
+    sd = (sum((v - mu) ** 2 for v in vals) / (n - 1)) ** 0.5 if n > 1 else None
+    return {"mean": mu, "std": sd, "n": n}
+
+
+def aggregate(results: list[dict]) -> dict:
+    """Per method, the selected row's test numbers over seeds: mean and spread; the chosen
+    parameters per seed and which of them sit at an edge of that run's grid."""
+    per: dict = {}
+    for res in results:
+        grids = res.get("config", {}).get("grids", {})
+        for m, r in select(res).items():
+            per.setdefault(m, []).append((r, grid_edges(grids.get(m, []), r["params"])))
+    out = {}
+    for m, pairs in per.items():
+        rs = [r for r, _ in pairs]
+        k = len(rs[0]["test"]["tasks"])
+        out[m] = {"tasks": [_stat([r["test"]["tasks"][i] for r in rs]) for i in range(k)],
+                  "mean": _stat([r["test"]["mean"] for r in rs]), "all": _stat([r["test"]["all"] for r in rs]),
+                  "val_mean": _stat([r["val"]["mean"] for r in rs]), "params": [r["params"] for r in rs],
+                  "edges": [e for _, e in pairs], "per_seed": [r["test"]["mean"] for r in rs]}
+    return out
 def _p(params: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in params.items()) or "-"
+
+
+def _grid_text(grid: list[dict]) -> str:
+    """A grid as ``a 1 / 2 x b 3 / 4`` when it is the full product of its values, else each setting."""
+    keys = list(dict.fromkeys(k for p in grid for k in p))
+    vals = {k: list(dict.fromkeys(p[k] for p in grid if k in p)) for k in keys}
+    combos = {tuple(p.get(k) for k in keys) for p in grid}
+    if keys and all(len(p) == len(keys) for p in grid) and len(combos) == len(grid) == len(list(itertools.product(*vals.values()))):
+        return " x ".join(f"{k} " + " / ".join(str(v) for v in vals[k]) for k in keys)
+    return " / ".join(_p(p) for p in grid) or "-"
 
 
 def render_markdown(results: list[dict], command: str) -> str:
@@ -189,6 +246,7 @@ def render_markdown(results: list[dict], command: str) -> str:
     tasks = cfg["tasks"]
     n = len(results)
     agg = aggregate(results)
+    added = grid_additions(cfg["grids"])
     L = ["# Merges vs soups on Fashion-MNIST (issue 15)", "",
          f"Regenerate: `{command}` (one thread; {n} seed(s): {', '.join(str(r['seed']) for r in results)}).", "",
          f"Setup: a SmallCNN {tuple(cfg['widths'])} start trained on all classes for {cfg['base_samples']} samples "
@@ -197,13 +255,18 @@ def render_markdown(results: list[dict], command: str) -> str:
          + "; ".join(f"T{i} = classes {list(t)}" for i, t in enumerate(tasks))
          + f". Validation: {cfg['val_size']} training images held out; test: the first {cfg['test_size']} test images. "
          "Task accuracy = 10-way accuracy on that task's images; mean = mean over tasks; all = accuracy on every image.", "",
-         "Protocol, fixed before any result was seen: the grid below, and per method the setting with the highest mean "
+         "Protocol, fixed before any result was seen: per method the setting with the highest mean "
          "per-task **validation** accuracy is the one reported on **test** (the greedy soup also chooses on the "
          "validation mean). SLERP merges two members at a time (each pair). Grid: "
-         + "; ".join(f"{m}: " + (" / ".join(_p(p) for p in g) or "-") for m, g in cfg["grids"].items()) + ".", "",
-         "## Selected by validation, scored on test" + (f" (mean ± std over {n} seeds)" if n > 1 else " (1 seed)"), "",
-         "| method | chosen parameters | " + " | ".join(f"T{i} test" for i in range(len(tasks))) + " | mean test | all test | mean val |",
-         "|---|---|" + "---|" * (len(tasks) + 3)]
+         + "; ".join(f"{m}: {_grid_text(g)}" for m, g in cfg["grids"].items()) + "."]
+    if added:
+        L += ["", "**Grid extension, made after seeing results (post-hoc).** " + GRID_EXTENSION + " Added values: "
+              + "; ".join(f"{m}: " + ", ".join(f"{k} {' / '.join(map(str, v))}" for k, v in d.items()) for m, d in added.items())
+              + ". Nothing else changed: same selection rule (choose on validation, report on test), same training, "
+              "same splits; every seed here was run with the extended grid."]
+    L += ["", "## Selected by validation, scored on test" + (f" (mean ± std over {n} seeds)" if n > 1 else " (1 seed)"), "",
+          "| method | chosen parameters | " + " | ".join(f"T{i} test" for i in range(len(tasks))) + " | mean test | all test | mean val |",
+          "|---|---|" + "---|" * (len(tasks) + 3)]
 
     def cell(s):
         return f"{s['mean']:.4f}" + (f" ± {s['std']:.4f}" if s["std"] is not None else "")
@@ -213,6 +276,13 @@ def render_markdown(results: list[dict], command: str) -> str:
         a = agg[m]
         L.append(f"| {m} | {' / '.join(_p(p) for p in a['params'])} | " + " | ".join(cell(s) for s in a["tasks"])
                  + f" | {cell(a['mean'])} | {cell(a['all'])} | {cell(a['val_mean'])} |")
+    L += ["", "## Selected by validation, per seed (mean per-task test accuracy; * = a chosen value at an edge of the grid)", "",
+          "| method | " + " | ".join(f"seed {r['seed']}" for r in results) + " |", "|---|" + "---|" * n]
+    for m in order:
+        a = agg[m]
+        L.append(f"| {m} | " + " | ".join(
+            f"{v:.4f}" + (f" ({_p(p)})" if m in MERGE_METHODS and p else "") + (" *" if e else "")
+            for v, p, e in zip(a["per_seed"], a["params"], a["edges"])) + " |")
     for res in results:
         L += ["", f"## Every candidate, seed {res['seed']}", "",
               "| method | parameters | " + " | ".join(f"T{i} val" for i in range(len(tasks))) + " | mean val | "
@@ -222,34 +292,67 @@ def render_markdown(results: list[dict], command: str) -> str:
             L.append(f"| {r['method']} | {_p(r['params'])} | " + " | ".join(f"{v:.4f}" for v in r["val"]["tasks"])
                      + f" | {r['val']['mean']:.4f} | " + " | ".join(f"{v:.4f}" for v in r["test"]["tasks"])
                      + f" | {r['test']['mean']:.4f} | {r['test']['all']:.4f} |")
-    L += ["", "## Reading", "", " ".join(_read(agg, n))]
+    L += ["", "## Reading", ""] + _read(agg, n, [r["seed"] for r in results])
     return "\n".join(L) + "\n"
 
 
-def _read(agg: dict, n: int) -> list[str]:
+def _diff(agg: dict, a: str, b: str) -> str:
+    """``a`` minus ``b`` in mean per-task test accuracy, paired by seed: mean (± std), and seeds where a > b."""
+    d = [x - y for x, y in zip(agg[a]["per_seed"], agg[b]["per_seed"])]
+    st = _stat(d)
+    text = (f"{st['mean']:+.4f}" + (f" ± {st['std']:.4f}" if st["std"] is not None else "")
+            + f", above in {sum(v > 0 for v in d)}/{len(d)} seeds")
+    if st["std"] is not None:
+        se = st["std"] / st["n"] ** 0.5
+        text += (" (within 2 standard errors of zero: not told apart from no difference)" if abs(st["mean"]) < 2 * se
+                 else " (beyond 2 standard errors of zero)")
+    return text
+
+
+def _read(agg: dict, n: int, seeds: list) -> list[str]:
+    """The reading, one paragraph per point, every figure taken from ``agg``."""
     merges = [m for m in agg if m in MERGE_METHODS]
     mem = [m for m in agg if m.startswith("member")]
     bm = max(merges, key=lambda m: agg[m]["val_mean"]["mean"])
     bmem = max(mem, key=lambda m: agg[m]["val_mean"]["mean"])
     g = lambda m: agg[m]["mean"]["mean"]  # noqa: E731
-    L = [f"By validation, the best merge method is {bm} (chosen: {' / '.join(_p(p) for p in agg[bm]['params'])}; "
-         f"mean per-task test accuracy {g(bm):.4f}); the best single member by validation is {bmem} ({g(bmem):.4f}); "
-         f"the start {g('start'):.4f}; uniform soup {g('uniform soup'):.4f}; greedy soup {g('greedy soup'):.4f}."]
-    rivals = {"the best member": g(bmem), "the uniform soup": g("uniform soup"), "the greedy soup": g("greedy soup"), "the start": g("start")}
-    above = [k for k, v in rivals.items() if g(bm) > v]
-    below = [k for k, v in rivals.items() if g(bm) <= v]
-    L.append(f"The best merge is above {', '.join(above) or 'none of them'}" + (f" and not above {', '.join(below)}." if below else "."))
+    P = []
+    P.append(f"By validation, the best merge method is {bm} (chosen: {' / '.join(_p(p) for p in agg[bm]['params'])}; "
+             f"mean per-task test accuracy {g(bm):.4f}); the best single member by validation is {bmem} ({g(bmem):.4f}); "
+             f"the start {g('start'):.4f}; uniform soup {g('uniform soup'):.4f}; greedy soup {g('greedy soup'):.4f}.")
+    rivals = {"the start": "start", f"the best member ({bmem})": bmem, "the uniform soup": "uniform soup",
+              "the greedy soup": "greedy soup"}
+    lines = []
+    for label, r in rivals.items():
+        above = [m for m in merges if g(m) > g(r)]
+        lines.append(f"- above {label} in mean test: " + (", ".join(above) if above else f"none of the {len(merges)} merge methods")
+                     + f"; best merge ({bm}) minus {r}, paired by seed: {_diff(agg, bm, r)}.")
+    P.append("Merge methods (each at its validation-chosen setting) against the references:\n" + "\n".join(lines))
     own = [agg[f"member {i}"]["tasks"][i]["mean"] for i in range(len(mem))]
     start_t = [t["mean"] for t in agg["start"]["tasks"]]
     merged_t = [t["mean"] for t in agg[bm]["tasks"]]
-    L.append("Own-task test accuracy, start -> member -> best merge: "
-             + "; ".join(f"T{i} {a:.3f} -> {b:.3f} -> {c:.3f}" for i, (a, b, c) in enumerate(zip(start_t, own, merged_t))) + ".")
+    text = ("Own-task test accuracy, start -> member -> best merge: "
+            + "; ".join(f"T{i} {a:.3f} -> {b:.3f} -> {c:.3f}" for i, (a, b, c) in enumerate(zip(start_t, own, merged_t))) + ".")
     if g("start") >= g(bm):
-        L.append("Here merging did not recover a multi-task model better than the shared start: each member forgets the "
+        text += (" Here merging did not recover a multi-task model better than the shared start: each member forgets the "
                  "classes it did not see, and the merges keep only part of each member's own-task gain while inheriting "
                  "part of the others' forgetting.")
-    grid = [p for p in GRIDS.get(bm, [])]
-    if bm == "task_arithmetic" and all(p.get("lam") == min(q["lam"] for q in grid) for p in agg[bm]["params"]):
-        L.append("The chosen lambda is the smallest of the grid: a smaller one (closer to the start) might score higher still.")
-    L.append(f"{n} seed(s); " + ("spread over seeds is in the table (± sample std)." if n > 1 else "no spread over seeds: read differences under ~0.01 as noise."))
-    return L
+    P.append(text)
+    edged = [(m, s, e) for m in merges for s, e in zip(seeds, agg[m]["edges"]) if e]
+    if edged:
+        by: dict = {}
+        for m, s, e in edged:
+            by.setdefault(m, []).append(f"seed {s}: {', '.join(e)}")
+        text = ("Chosen values still at an edge of the grid: " + "; ".join(f"{m} ({'; '.join(v)})" for m, v in by.items())
+                + ". A value beyond such an edge was not tried and might score higher.")
+        if any("lam" in x and "(lowest)" in x for _, _, e in edged for x in e):
+            text += (" Below the lowest lambda lies only lambda 0, which is the start itself (task arithmetic, TIES and "
+                     "DARE give start + lambda x a merged task vector), and the start is in the table.")
+        if any(x.startswith("p ") and "(lowest)" in x for _, _, e in edged for x in e):
+            text += (" Below the lowest drop rate lies p 0 (nothing dropped): DARE-linear is then task arithmetic, "
+                     "which is in the table, and DARE-TIES is TIES without trimming (density 1), which is not in the grid.")
+        P.append(text)
+    else:
+        P.append("No chosen value sits at an edge of its grid.")
+    P.append(f"{n} seed(s); " + ("spread over seeds is in the tables (± sample std)." if n > 1 else "no spread over seeds: read differences under ~0.01 as noise."))
+    return ["\n\n".join(P)]

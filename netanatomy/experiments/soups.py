@@ -197,15 +197,13 @@ def make_evaluator(template: nn.Module, x, y, bn_batches=None):
 
 def run(config: str | Config = "full", log=None, seed: int = 0) -> dict:
     """One run of the experiment; ``seed`` moves every random choice (see :func:`reseed`)."""
-    from ..datasets import fashion_mnist, normalize_images
+    from ..datasets import fashion_mnist_normalized
 
     cfg = reseed(CONFIGS[config] if isinstance(config, str) else config, seed)
     say = log or (lambda msg: None)
     torch.set_num_threads(1)
     t_start = time.perf_counter()
-    xtr, ytr = fashion_mnist("train")
-    xte, yte = fashion_mnist("test")
-    xtr, xte = normalize_images(xtr), normalize_images(xte)
+    xtr, ytr, xte, yte = fashion_mnist_normalized()
     val_idx, tr_idx = split_indices(len(xtr), cfg)
     data = {
         "val": (xtr[val_idx], ytr[val_idx]),
