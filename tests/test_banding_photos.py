@@ -186,3 +186,22 @@ def test_photo_ids_smoke_config_end_to_end(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     res = run_experiment("photo_ids_smoke", tmp_path, write=False)
     assert {r["experiment"] for r in res.table()} == {"baseline", "nopool"}
+
+
+def test_banding_seeds_without_xpool_runs(tmp_path, monkeypatch, capsys):
+    import json
+
+    import pytest
+
+    from netanatomy.cli import main
+    from netanatomy.experiments import scenes
+
+    size = 28
+    photos = [_synthetic_photo(64 + 2 * k, 96) for k in range(5)]
+    monkeypatch.setitem(scenes._PHOTOS, (scenes.PHOTO_SHORT_SIDE, size), photo_strips(photos, size))
+    with pytest.raises(SystemExit) as exc:
+        main(["experiment", "banding-seeds", "--config", "photo_ids_smoke", "--seeds", "0,1", "--out", str(tmp_path)])
+    assert exc.value.code == 0
+    doc = json.loads((tmp_path / "banding_photo_ids_smoke_seeds.json").read_text())
+    assert doc["xpool_control"]["rows"] == [] and {v["finding"] for v in doc["verdicts"]} == {"baseline", "nopool"}
+    assert "no x-pooling control" in (tmp_path / "banding_photo_ids_smoke_seeds.md").read_text()

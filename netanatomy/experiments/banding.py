@@ -537,6 +537,8 @@ def xpool_control(results: list[ExperimentResult], layer: str = "5a") -> dict:
 
     rows = []
     for res in results:
+        if not all(_rec(res, run, layer) for run in ("baseline", "xpool", "xpool_rotate")):
+            continue  # a config without the x-pooling runs has no control to report
         row = {"seed": res.config.seed}
         for run in ("baseline", "xpool", "xpool_rotate"):
             r = _rec(res, run, layer)

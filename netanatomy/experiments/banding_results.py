@@ -330,7 +330,7 @@ def seeds_verdicts(summary: dict, control: dict) -> list[dict]:
             verdict = "weak" if base is not None and mean < 0.5 * base["banded"][0] else "not"
         out.append({"finding": run, "layer": "5b", "measure": f"{col} share", "goal": f"{op} {100 * goal:.0f}%",
                     "mean": mean, "spread": spread, "verdict": verdict})
-    if control.get("rows") and not math.isnan(control["mean"]["xpool_horizontal"]):  # x-pooling was run
+    if control.get("rows"):
         m = control["mean"]
         moved_mean = m["xpool_minus_baseline"] > 0 and m["xpool_minus_rotated"] > 0
         out.append({"finding": "xpool", "layer": control["layer"], "measure": "horizontal share vs baseline and xpool_rotate",
@@ -365,6 +365,8 @@ def seeds_markdown(results, command: str, control: dict) -> str:
     for r in s["rows"]:
         L.append(f"| {r['seed']} | {r['run']} | {r['layer']} | {_pct(r['accuracy'])} | {r['orientation']} | {_pct(r['horizontal'])} | "
                  f"{_pct(r['vertical'])} | {_pct(r['banded'])} | {_f(r['v_y'])} | {_f(r['v_x'])} |")
+    if not control["rows"]:
+        return "\n".join(L) + "\n\nNo x-pooling runs in these configs, so no x-pooling control.\n"
     L += ["", f"## x-pooling control ({control['layer']}: horizontally banded share)\n",
           "| seed | baseline | xpool | xpool on rotated inputs | xpool - baseline | xpool - rotated |", "| --- | --- | --- | --- | --- | --- |"]
     for r in control["rows"]:
