@@ -24,22 +24,25 @@ import typer
 
 def _exception_classes(attr: str) -> tuple[type, ...]:
     """``attr`` from Typer and from whichever click it runs on (newer Typer
-    releases carry their own copy of click and do not install click itself)."""
+    releases carry their own copy of click and do not install click itself).
+
+    A separately installed click counts only once something has imported it
+    (only then can its exceptions be raised): importing it just to name its
+    classes costs startup time. ``main`` calls this in its ``except`` clauses,
+    which Python evaluates only when an exception reaches them."""
     found: list[type] = []
     for mod_name in ("typer", "typer._click.exceptions", "click.exceptions"):
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:
-            continue
+        mod = sys.modules.get(mod_name)
+        if mod is None and not mod_name.startswith("click"):
+            try:
+                mod = importlib.import_module(mod_name)
+            except ImportError:
+                continue
         cls = getattr(mod, attr, None)
         if isinstance(cls, type) and cls not in found:
             found.append(cls)
     return tuple(found)
 
-
-_Exit = _exception_classes("Exit")
-_Abort = _exception_classes("Abort")
-_ClickError = _exception_classes("ClickException")
 
 from ..errors import UserError
 
@@ -285,12 +288,12 @@ def main(argv: list[str] | None = None) -> None:
     err = _err_console()
     try:
         rv = app(args=argv, prog_name="netanatomy", standalone_mode=False)
-    except _Exit as exc:
+    except _exception_classes("Exit") as exc:
         sys.exit(exc.exit_code)
-    except _Abort:
+    except _exception_classes("Abort"):
         err.print("interrupted")
         sys.exit(130)
-    except _ClickError as exc:  # bad option or argument
+    except _exception_classes("ClickException") as exc:  # bad option or argument
         if type(exc).__name__ == "NoArgsIsHelpError":  # help was shown
             sys.exit(0)
         err.print(f"error: {exc.format_message()} (see netanatomy --help)", markup=False)
