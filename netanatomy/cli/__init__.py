@@ -12,6 +12,7 @@ packages themselves never import the command line.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import sys
@@ -20,6 +21,21 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+
+def _freeze_heap() -> None:
+    """Take every object alive now out of the cyclic garbage collector's scans
+    (``gc.freeze``). By the time the command line is imported the process holds
+    torch's and the other modules' few hundred thousand long-lived objects, and
+    each full collection, triggered by allocation counts while the command runs
+    and once more at exit, walks all of them: about 0.1-0.2 s each on this
+    package's benchmark machine. Frozen objects are still freed by reference
+    counting; only reference cycles among them stay (module-level objects, which
+    live as long as the process anyway). Results do not depend on it."""
+    gc.freeze()
+
+
+_freeze_heap()  # torch and the package are imported by now (``netanatomy/__init__``)
 
 
 def _exception_classes(attr: str) -> tuple[type, ...]:
@@ -286,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app and map failures to one line and an exit code."""
     debug = bool(os.environ.get("NETANATOMY_DEBUG"))
     err = _err_console()
+    _freeze_heap()  # the command modules and Typer's objects, imported since
     try:
         rv = app(args=argv, prog_name="netanatomy", standalone_mode=False)
     except _exception_classes("Exit") as exc:
