@@ -71,24 +71,36 @@ def register_analysis(name: str):
     return deco
 
 
+def _load_builtin(name: str) -> None:
+    module = _BUILTIN[name]
+    if name in _REGISTRY:
+        return
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as exc:  # an analysis not built yet
+        if exc.name != module and not module.startswith(str(exc.name) + "."):
+            raise
+
+
 def _load_builtins() -> None:
-    for name, module in _BUILTIN.items():
-        if name in _REGISTRY:
-            continue
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # an analysis not built yet
-            if exc.name != module and not module.startswith(str(exc.name) + "."):
-                raise
+    for name in _BUILTIN:
+        _load_builtin(name)
 
 
 def available_analyses() -> list[str]:
+    """The built-in analyses in ``_BUILTIN`` order, then the others in the order
+    they were registered (the same list whichever was imported first)."""
     _load_builtins()
-    return list(_REGISTRY)
+    return [n for n in _BUILTIN if n in _REGISTRY] + [n for n in _REGISTRY if n not in _BUILTIN]
 
 
 def get_analysis(name: str) -> type["Analysis"]:
-    _load_builtins()
+    # a built-in analysis imports its own module only (``--only esd`` does not
+    # import the other capabilities); an unknown name loads them all for the message
+    if name in _BUILTIN:
+        _load_builtin(name)
+    if name not in _REGISTRY:
+        _load_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -61,3 +61,42 @@ def test_partial_spectrum_from_the_cli(ckpt, capsys):
     assert code in (0, None), err
     recs = json.loads(o)["records"]
     assert recs and all(r.get("spectrum") in ("full", "partial") for r in recs if not r.get("error"))
+
+
+# modules the esd command line does not need on a small model: importing them
+# would only add start-up time (pandas alone is about a third of a second)
+NOT_FOR_ESD = ("pandas", "matplotlib", "scipy", "click", "netanatomy.banding", "netanatomy.branches", "netanatomy.zoo",
+               "netanatomy.dynamics", "netanatomy.synthesis")
+
+
+def _child_modules(tmp_path, body: str) -> list[str]:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import netanatomy
+
+    root = str(Path(netanatomy.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    code = "import sys, json\n" + body + f"\nprint(json.dumps([m for m in {NOT_FOR_ESD!r} if m in sys.modules]))\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_command_line_imports_no_heavy_module(tmp_path):
+    assert _child_modules(tmp_path, "import netanatomy.cli") == []
+
+
+def test_analyze_only_esd_imports_no_heavy_module(ckpt, tmp_path):
+    out = tmp_path / "out"
+    body = (
+        "from netanatomy.cli import main\n"
+        "try:\n"
+        f"    main(['analyze', {str(ckpt)!r}, '--only', 'esd', '--out', {str(out)!r}])\n"
+        "except SystemExit as exc:\n"
+        "    assert exc.code in (0, None), exc.code\n"
+    )
+    assert _child_modules(tmp_path, body) == []
+    assert {p.name for p in out.iterdir()} == {"esd.json", "esd.parquet", "model.json", "report.html"}

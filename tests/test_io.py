@@ -581,3 +581,15 @@ def test_open_array_maps_npy_and_refuses_objects(tmp_path):
         open_array(tmp_path / "bad.npy")
     with pytest.raises(LoadError, match="no such file"):
         open_array(tmp_path / "none.npy")
+
+
+def test_finite_check_by_sum_agrees_with_the_elementwise_test():
+    from netanatomy.model import _all_finite
+
+    nan, inf = float("nan"), float("inf")
+    cases = [torch.zeros(0), torch.tensor([1.0, -2.0]), torch.tensor([1.0, nan]), torch.tensor([inf, -inf]),
+             torch.tensor([3e38, 3e38]),  # the sum overflows; every value is finite
+             torch.tensor([3e38, inf]), torch.tensor([60000.0, 60000.0], dtype=torch.float16),
+             torch.tensor([1.0, nan], dtype=torch.bfloat16), torch.tensor([[1e308, 1e308]], dtype=torch.float64)]
+    for t in cases:
+        assert _all_finite(t) == bool(torch.isfinite(t).all()), t

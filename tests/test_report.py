@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -119,3 +121,70 @@ def test_parquet_columns_keep_types_and_turn_mixed_values_into_text(tmp_path):
     assert list(df["layer"]) == ["a", "b"] and df["alpha"][0] == 1.5 and math.isnan(df["alpha"][1])
     assert list(df["shape"]) == ["[4, 5]", '{"k": 1}'] and list(df["mix"]) == ["1.0", "text"]
     assert math.isnan(df["late"][0]) and df["late"][1] == 2
+
+
+def this_checkout_env() -> dict:
+    """The environment for a child Python that imports this checkout's package."""
+    root = str(Path(na.__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def _same_values(a: list, b: list) -> bool:
+    def key(v):
+        return ("nan",) if isinstance(v, float) and v != v else v
+
+    return [key(v) for v in a] == [key(v) for v in b]
+
+
+def test_parquet_columns_equal_pyarrow_conversion_of_the_same_values():
+    """The columns are assembled from buffers (pyarrow's conversion of Python
+    sequences imports pandas); they hold what ``pa.array`` makes of the values."""
+    import math
+
+    import numpy as np
+    import pyarrow as pa
+
+    from netanatomy.report.writers import records_table
+
+    recs = [
+        {"s": "a", "u": "é€𝄞", "f": np.float32(0.1), "i": np.int64(-3), "b": True, "n": None, "mixed": 1, "big": 2**70},
+        {"s": "", "u": None, "f": math.inf, "i": 2**62, "b": np.bool_(False), "n": None, "mixed": 2.5, "big": 1},
+        {"s": None, "u": "x" * 1000, "f": math.nan, "i": None, "b": None, "n": None, "mixed": None, "big": None},
+        {"s": "z", "f": None, "i": 0, "b": False, "mixed": -7},
+    ]
+    table = records_table(recs)
+    table.validate(full=True)
+    expect = {
+        "s": pa.array([r.get("s") for r in recs], type=pa.string()),
+        "u": pa.array([r.get("u") for r in recs], type=pa.string()),
+        "f": pa.array([None if r.get("f") is None else float(r["f"]) for r in recs], type=pa.float64()),
+        "i": pa.array([None if r.get("i") is None else int(r["i"]) for r in recs], type=pa.int64()),
+        "b": pa.array([None if r.get("b") is None else bool(r["b"]) for r in recs], type=pa.bool_()),
+        "n": pa.array([None] * len(recs)),
+        "mixed": pa.array([None if r.get("mixed") is None else float(r["mixed"]) for r in recs], type=pa.float64()),
+        "big": pa.array([None if r.get("big") is None else str(r["big"]) for r in recs], type=pa.string()),
+    }
+    assert table.column_names == list(expect)
+    for name, want in expect.items():
+        got = table[name].combine_chunks()
+        assert got.type == want.type, name
+        assert got.null_count == want.null_count, name
+        assert _same_values(got.to_pylist(), want.to_pylist()), name
+
+
+def test_writing_parquet_does_not_import_pandas(tmp_path):
+    code = (
+        "import sys\n"
+        "from netanatomy.analysis import AnalysisResult\n"
+        "from netanatomy.report.writers import write_parquet\n"
+        "r = AnalysisResult('x', records=[{'layer': 'a', 'alpha': 2.5, 'n': 3, 'ok': True, 'shape': [1, 2]}])\n"
+        f"write_parquet(r, {str(tmp_path / 'x.parquet')!r})\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=this_checkout_env())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+    import pandas as pd
+
+    df = pd.read_parquet(tmp_path / "x.parquet")
+    assert list(df.columns) == ["layer", "alpha", "n", "ok", "shape"] and df["shape"][0] == "[1, 2]"

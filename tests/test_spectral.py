@@ -389,3 +389,83 @@ def test_own_nelder_mead_matches_scipy_and_tail_p_values_match_scipy_stats():
     c = compare_tail(x, fit_power_law(x))
     assert c.p_tpl == pytest.approx(float(stats.chi2.sf(-2.0 * c.R_tpl, df=1)), rel=1e-9, abs=1e-300)
     assert c.p_exp == pytest.approx(float(2 * stats.norm.sf(abs(c.R_exp))), rel=1e-9, abs=1e-300)
+
+
+def _numpy_nelder_mead(f, x0, xatol=1e-4, fatol=1e-7, maxiter=1000):
+    """The simplex on NumPy arrays, as powerlaw.nelder_mead was written before it
+    moved to Python floats: the reference it must equal to the last bit."""
+    x0 = np.asarray(x0, dtype=np.float64)
+    n = x0.size
+    sim = np.empty((n + 1, n))
+    sim[0] = x0
+    for i in range(n):
+        y = x0.copy()
+        y[i] = 1.05 * y[i] if y[i] != 0 else 0.00025
+        sim[i + 1] = y
+    fs = np.array([f(v) for v in sim])
+    evals = n + 1
+    for _ in range(maxiter):
+        order = np.argsort(fs, kind="stable")
+        sim, fs = sim[order], fs[order]
+        if np.max(np.abs(sim[1:] - sim[0])) <= xatol and np.max(np.abs(fs[0] - fs[1:])) <= fatol:
+            break
+        if evals >= 200 * n * 10:
+            break
+        centre = sim[:-1].mean(axis=0)
+        xr = centre + (centre - sim[-1])
+        fr = f(xr)
+        evals += 1
+        if fr < fs[0]:
+            xe = centre + 2.0 * (centre - sim[-1])
+            fe = f(xe)
+            evals += 1
+            sim[-1], fs[-1] = (xe, fe) if fe < fr else (xr, fr)
+            continue
+        if fr < fs[-2]:
+            sim[-1], fs[-1] = xr, fr
+            continue
+        if fr < fs[-1]:
+            xc = centre + 0.5 * (xr - centre)
+            fc = f(xc)
+            evals += 1
+            if fc <= fr:
+                sim[-1], fs[-1] = xc, fc
+                continue
+        else:
+            xc = centre + 0.5 * (sim[-1] - centre)
+            fc = f(xc)
+            evals += 1
+            if fc < fs[-1]:
+                sim[-1], fs[-1] = xc, fc
+                continue
+        sim[1:] = sim[0] + 0.5 * (sim[1:] - sim[0])
+        fs[1:] = [f(v) for v in sim[1:]]
+        evals += n
+    k = int(np.argmin(fs))
+    return sim[k], float(fs[k])
+
+
+def test_nelder_mead_in_python_floats_equals_the_numpy_simplex_bit_for_bit():
+    from netanatomy.spectral.powerlaw import _ll_truncated_power_law, nelder_mead
+
+    rng = np.random.default_rng(3)
+    for trial in range(150):
+        n = int(rng.integers(1, 11))  # 8+ vertices: where NumPy's 1-D sums turn pairwise
+        c = rng.standard_normal(n) * 10 ** rng.uniform(-3, 3)
+        s = rng.uniform(0.1, 10, n)
+        x0 = rng.standard_normal(n)
+        if trial % 5 == 0:
+            x0[0] = 0.0
+
+        def f(p, c=c, s=s):
+            return float(np.sum(s * (np.asarray(p) - c) ** 2) + np.sin(np.sum(p)))
+
+        x, fx = nelder_mead(f, x0)
+        rx, rfx = _numpy_nelder_mead(f, x0)
+        assert np.array_equal(x, rx) and fx == rfx, (trial, n)
+    # and the fit it serves: a truncated power law on a heavy tail
+    x = np.sort(rng.pareto(1.5, 400) + 1.0) * np.exp(-rng.exponential(0.01, 400))
+    fit = fit_power_law(x)
+    tail = x[x >= fit.xmin]
+    _, a, lam = _ll_truncated_power_law(tail, fit.xmin, fit.alpha)
+    assert math.isfinite(a) and lam > 0

@@ -36,6 +36,46 @@ def _kind(v) -> str:
     return "str" if isinstance(v, str) else "other"
 
 
+def _validity(values: list):
+    """The Arrow validity bitmap of ``values`` (None = null) and the null count;
+    no bitmap when nothing is null."""
+    valid = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+    nulls = len(values) - int(valid.sum())
+    return (np.packbits(valid, bitorder="little") if nulls else None), nulls
+
+
+def _typed_array(values: list, kind: str):
+    """An Arrow array of Python scalars (None = null) of one ``kind`` ("float",
+    "int", "bool", "str"), assembled from its buffers. Values equal to what
+    ``pa.array(values, type=...)`` gives; built this way because pyarrow's
+    conversion of Python sequences imports pandas (a third of a second) when it
+    is installed. Raises OverflowError for ints beyond int64, like pa.array."""
+    import pyarrow as pa
+
+    bitmap, nulls = _validity(values)
+    n = len(values)
+    buffers: list = [None if bitmap is None else pa.py_buffer(bitmap)]
+    if kind == "str":
+        encoded = [b"" if v is None else v.encode("utf-8") for v in values]
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=offsets[1:])
+        if offsets[-1] >= 2**31:  # beyond 32-bit offsets: let pyarrow chunk it
+            return pa.array(values, type=pa.string())
+        buffers += [pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(encoded))]
+        return pa.Array.from_buffers(pa.string(), n, buffers, null_count=nulls)
+    if kind == "float":
+        arrow_type, data = pa.float64(), np.array([0.0 if v is None else float(v) for v in values], dtype=np.float64)
+    elif kind == "int":
+        arrow_type, data = pa.int64(), np.array([0 if v is None else int(v) for v in values], dtype=np.int64)
+    elif kind == "bool":
+        arrow_type = pa.bool_()
+        data = np.packbits(np.array([False if v is None else bool(v) for v in values], dtype=bool), bitorder="little")
+    else:
+        raise ValueError(f"unknown column kind {kind!r}")
+    buffers.append(pa.py_buffer(data))
+    return pa.Array.from_buffers(arrow_type, n, buffers, null_count=nulls)
+
+
 def _parquet_column(values: list):
     """One Parquet column: lists and dicts as JSON text; ints mixed with floats as
     float64; a column whose values do not share one type (e.g. numbers and text)
@@ -44,24 +84,27 @@ def _parquet_column(values: list):
 
     vals = [json.dumps(jsonable(v)) if isinstance(v, (list, tuple, dict)) else v for v in values]
     kinds = {_kind(v) for v in vals if v is not None}
-    as_text = pa.array([None if v is None else str(v) for v in vals], type=pa.string())
+    as_text = _typed_array([None if v is None else str(v) for v in vals], "str")
     if len(kinds) > 1 and not kinds <= {"int", "float"}:
         return as_text
+    if not kinds:
+        return pa.nulls(len(vals))
     try:
         if kinds == {"int", "float"} or kinds == {"float"}:
-            return pa.array([None if v is None else float(v) for v in vals], type=pa.float64())
+            return _typed_array(vals, "float")
         if kinds == {"int"}:
-            return pa.array([None if v is None else int(v) for v in vals], type=pa.int64())
+            return _typed_array(vals, "int")
         if kinds == {"bool"}:
-            return pa.array([None if v is None else bool(v) for v in vals], type=pa.bool_())
-        return pa.array(vals) if kinds <= {"str"} else as_text
+            return _typed_array(vals, "bool")
+        return _typed_array(vals, "str") if kinds == {"str"} else as_text
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
         return as_text
 
 
 def records_table(records: list[dict]):
     """An Arrow table of the records (columns in order of first appearance),
-    written with pyarrow alone: pandas costs a third of a second to import."""
+    built with pyarrow alone and without pyarrow's sequence conversion, which
+    imports pandas (a third of a second) when it is installed."""
     import pyarrow as pa
 
     names: dict[str, None] = {}

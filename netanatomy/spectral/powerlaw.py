@@ -179,31 +179,44 @@ def nelder_mead(f, x0, xatol: float = 1e-4, fatol: float = 1e-7, maxiter: int = 
     moves one coordinate of x0 by 5 %, or by 0.00025 where it is zero; stop when
     every vertex lies within ``xatol`` and every value within ``fatol`` of the
     best). Here so that the tail comparison does not import scipy.optimize (about
-    a second of every ``analyze`` process) for a two-parameter fit."""
-    x0 = np.asarray(x0, dtype=np.float64)
-    n = x0.size
-    sim = np.empty((n + 1, n))
-    sim[0] = x0
+    a second of every ``analyze`` process) for a two-parameter fit.
+
+    The simplex is kept in Python floats: NumPy's per-call cost on two-element
+    arrays was a third of the loop's time, all of it holding the GIL the layer
+    threads share. Each step is the same floating-point operation as the NumPy
+    version's (the centre is summed in NumPy's order), so results are the same
+    to the last bit (tests/test_spectral.py). ``f`` receives a float64 array."""
+    x0 = [float(v) for v in np.asarray(x0, dtype=np.float64).reshape(-1)]
+    n = len(x0)
+    sim = [list(x0)]
     for i in range(n):
-        y = x0.copy()
+        y = list(x0)
         y[i] = 1.05 * y[i] if y[i] != 0 else 0.00025
-        sim[i + 1] = y
-    fs = np.array([f(v) for v in sim])
+        sim.append(y)
+
+    def call(v: list) -> float:
+        return float(f(np.array(v, dtype=np.float64)))
+
+    fs = [call(v) for v in sim]
     evals = n + 1
     for _ in range(maxiter):
-        order = np.argsort(fs, kind="stable")
-        sim, fs = sim[order], fs[order]
-        if np.max(np.abs(sim[1:] - sim[0])) <= xatol and np.max(np.abs(fs[0] - fs[1:])) <= fatol:
+        order = sorted(range(n + 1), key=lambda k: _sort_key(fs[k]))  # as argsort(kind="stable")
+        sim, fs = [sim[k] for k in order], [fs[k] for k in order]
+        best = sim[0]
+        # "every difference <= tol" is "np.max(...) <= tol", NaN included (False)
+        if (all(abs(v[j] - best[j]) <= xatol for v in sim[1:] for j in range(n))
+                and all(abs(fs[0] - fv) <= fatol for fv in fs[1:])):
             break
         if evals >= 200 * n * 10:
             break
-        centre = sim[:-1].mean(axis=0)
-        xr = centre + (centre - sim[-1])
-        fr = f(xr)
+        centre = [_mean_of([v[j] for v in sim[:-1]]) for j in range(n)]
+        worst = sim[-1]
+        xr = [c + (c - w) for c, w in zip(centre, worst)]
+        fr = call(xr)
         evals += 1
         if fr < fs[0]:
-            xe = centre + 2.0 * (centre - sim[-1])
-            fe = f(xe)
+            xe = [c + 2.0 * (c - w) for c, w in zip(centre, worst)]
+            fe = call(xe)
             evals += 1
             sim[-1], fs[-1] = (xe, fe) if fe < fr else (xr, fr)
             continue
@@ -211,24 +224,39 @@ def nelder_mead(f, x0, xatol: float = 1e-4, fatol: float = 1e-7, maxiter: int = 
             sim[-1], fs[-1] = xr, fr
             continue
         if fr < fs[-1]:  # outside contraction
-            xc = centre + 0.5 * (xr - centre)
-            fc = f(xc)
+            xc = [c + 0.5 * (r - c) for c, r in zip(centre, xr)]
+            fc = call(xc)
             evals += 1
             if fc <= fr:
                 sim[-1], fs[-1] = xc, fc
                 continue
         else:  # inside contraction
-            xc = centre + 0.5 * (sim[-1] - centre)
-            fc = f(xc)
+            xc = [c + 0.5 * (w - c) for c, w in zip(centre, worst)]
+            fc = call(xc)
             evals += 1
             if fc < fs[-1]:
                 sim[-1], fs[-1] = xc, fc
                 continue
-        sim[1:] = sim[0] + 0.5 * (sim[1:] - sim[0])  # shrink towards the best
-        fs[1:] = [f(v) for v in sim[1:]]
+        sim[1:] = [[b + 0.5 * (v[j] - b) for j, b in enumerate(best)] for v in sim[1:]]  # shrink towards the best
+        fs[1:] = [call(v) for v in sim[1:]]
         evals += n
-    k = int(np.argmin(fs))
-    return sim[k], float(fs[k])
+    nans = [k for k, v in enumerate(fs) if v != v]
+    k = nans[0] if nans else min(range(n + 1), key=fs.__getitem__)  # as argmin: the first NaN, else the first smallest
+    return np.array(sim[k], dtype=np.float64), float(fs[k])
+
+
+def _sort_key(v: float) -> tuple:
+    return (1, 0.0) if v != v else (0, v)  # NaN last, as NumPy sorts
+
+
+def _mean_of(vals: list) -> float:
+    """A coordinate of the centre as ``simplex[:-1].mean(axis=0)`` computes it:
+    NumPy reduces over the rows one after the other (axis 0 of a C-ordered
+    array, so no pairwise summation), then divides by the count."""
+    total = 0.0
+    for v in vals:
+        total += v
+    return total / len(vals)
 
 
 def _ll_truncated_power_law(x: np.ndarray, xmin: float, alpha0: float) -> tuple[np.ndarray, float, float]:
