@@ -77,6 +77,23 @@ def test_alexstem_smoke_runs_with_strided_conv1(tmp_path):
     assert "Against the issue's goal" in md
 
 
+@pytest.mark.parametrize("name, lever", [
+    ("alexstem_colour", {"grey_share": 0.0}),
+    ("alexstem_smallstem", {k: getattr(E.CONFIGS["towers"], k) for k in ("k1", "s1", "crop", "short_side")}),
+])
+def test_alexstem_ablations_change_one_lever(name, lever):
+    """Each ablation is alexstem with one lever put back (to towers' value), on seeds 0-4."""
+    from dataclasses import asdict
+
+    cfg, base = asdict(E.CONFIGS[name]), asdict(E.CONFIGS["alexstem"])
+    differs = {k for k in base if cfg[k] != base[k]} - {"name", "seeds"}
+    assert differs == set(lever) and all(cfg[k] == v for k, v in lever.items())
+    assert cfg["name"] == name and tuple(cfg["seeds"]) == tuple(base["seeds"][:5])
+    net = E.TowerNet(5, E.CONFIGS[name], branched=True)
+    x = torch.zeros(2, 3, cfg["crop"], cfg["crop"])
+    assert net(x).shape == (2, 5) and net.conv2.kernel_size == (5, 5)
+
+
 def test_grey_share_turns_that_share_grey():
     task = E.CropTask(_pictures(h=96, w=400), 64, 0.25)
     x, _ = task.batch(400, torch.Generator().manual_seed(0))

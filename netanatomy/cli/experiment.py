@@ -119,7 +119,7 @@ def _banding_seeds(experiment_app: typer.Typer) -> None:
 def _branches(experiment_app: typer.Typer) -> None:
     @experiment_app.command("branches")
     def experiment_branches(
-        config: str = typer.Option("quick", "--config", help="smoke, quick, full, towers (colour crops, 3000 steps, 5 seeds), alexstem (11x11 stride-4 conv1, 10 seeds) or smoke_alexstem."),
+        config: str = typer.Option("quick", "--config", help="smoke, quick, full, towers (colour crops, 3000 steps, 5 seeds), alexstem (11x11 stride-4 conv1, 10 seeds), its one-lever ablations alexstem_colour (no grey crops) and alexstem_smallstem (towers' 5x5 stride-1 conv1 on 32-px crops), or smoke_alexstem."),
         out: Path = typer.Option(Path("results"), "--out", help="Folder for branches.md, branches_runs.json and pictures."),
         seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds (overrides the config)."),
         steps: Optional[int] = typer.Option(None, "--steps", help="Training steps per run (overrides the config)."),

@@ -80,6 +80,19 @@ CONFIGS = {
     # the same code paths (strided conv1, 5x5 conv2, grey crops, 64-px crops) at test size
     "smoke_alexstem": Config(name="smoke_alexstem", seeds=(0,), steps=20, batch=16, crop=64, short_side=320,
                              k1=11, s1=4, k2=5, grey_share=0.25, test_crops=64, c1=8, c2=8, c3=8),
+    # One-lever ablations of `alexstem` (issue 13: say which lever mattered), fixed before any run of
+    # either. Each is `alexstem` with one lever put back; seeds 0-4 for both, so that both finish within
+    # about an hour of a shared core (the small stem costs about 37 ms a step there, against alexstem's
+    # 13), and so that they compare with alexstem's own seeds 0-4 (same seeds; alexstem_colour also has
+    # alexstem's initial weights and crop draws, only none of them turned grey).
+    # alexstem_colour: no grey crops (grey_share 0.0, as in `towers`). Does the grey-crop share matter?
+    "alexstem_colour": Config(name="alexstem_colour", seeds=tuple(range(5)), steps=4000, crop=64, short_side=320,
+                              k1=11, s1=4, k2=5, grey_share=0.0),
+    # alexstem_smallstem: the `towers` stem back (5x5 stride-1 conv1 on 32-px crops of photos at a 192-px
+    # short side, the Config defaults that `towers` uses), keeping alexstem's 5x5 conv2, 25% grey crops
+    # and 4000 steps. Does the big strided stem matter?
+    "alexstem_smallstem": Config(name="alexstem_smallstem", seeds=tuple(range(5)), steps=4000, crop=32, short_side=192,
+                                 k1=5, s1=1, k2=5, grey_share=0.25),
 }
 
 # The issue's goal for the towers (issue 13), fixed before the alexstem run: Fisher-combined
