@@ -82,6 +82,7 @@ class SpectralOptions:
     partial_margin: float = 0.2  # partial: xmin must lie above this fraction of the converged part
     partial_min_size: int = 1024  # partial: matrices with a smaller side up to this get every eigenvalue
     partial_alpha_max: float = UNDER_TRAINED  # partial: a lighter tail than this needs the whole spectrum
+    partial_min_computed: int = 28  # partial: never accept a top part of fewer eigenvalues than this
     hill_xmin_pos: float = 2.0  # PL_Alpha_Hill: the tail is the top n - floor(n / hill_xmin_pos) values
 
 
@@ -207,6 +208,8 @@ def partial_accepts(sp: Spectrum, options: SpectralOptions) -> bool:
     eigenvalues settles on 5-10 of them with alpha near 100, where the whole
     spectrum gives 15-25; only the whole spectrum tells which xmin is right."""
     fit, ev = _fit_values(sp, options)
+    if ev.size < options.partial_min_computed:
+        return False
     if not (fit.ok and fit.n_tail <= (1.0 - options.partial_margin) * ev.size):
         return False
     if not fit.alpha <= options.partial_alpha_max:
