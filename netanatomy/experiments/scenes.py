@@ -314,24 +314,34 @@ def crop_photos(photos: list[torch.Tensor], n: int, size: int, g: torch.Generato
     ``band`` is which of ``PHOTO_BANDS`` equal ranges of the crop's top row (0 .. H - size) it
     was cut at, counted from the top of the photo, and upside-down crops are rotated 180 degrees.
     Returns (n, 3, size, size) in [-1, 1] and labels (n,)."""
-    if labels is None:
-        labels = torch.randint(2 * PHOTO_BANDS, (n,), generator=g)
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    n = len(labels)
-    out = torch.empty(n, 3, size, size)
-    which = torch.randint(len(photos), (n,), generator=g)
-    u01 = torch.rand(n, generator=g)
-    xs = torch.rand(n, generator=g)
-    for i in range(n):
+    labels = _labels(labels, 2 * PHOTO_BANDS, n, g)
+    which = torch.randint(len(photos), (len(labels),), generator=g)
+    u01, xs = torch.rand(len(labels), generator=g), torch.rand(len(labels), generator=g)
+    cuts = []
+    for i, lab in enumerate(labels.tolist()):
         im = photos[int(which[i])]
-        band, upside = divmod(int(labels[i]), 2)
+        band, upside = divmod(lab, 2)
         span = im.shape[1] - size + 1  # possible top rows
         lo, hi = band * span // PHOTO_BANDS, (band + 1) * span // PHOTO_BANDS
-        y = lo + min(hi - lo - 1, int(u01[i] * (hi - lo)))
-        x = min(im.shape[2] - size, int(xs[i] * (im.shape[2] - size + 1)))
+        cuts.append((int(which[i]), lo + min(hi - lo - 1, int(u01[i] * (hi - lo))), xs[i], upside))
+    return _cut(photos, cuts, size), labels.clone()
+
+
+def _labels(labels, classes: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """The given labels as a long tensor, or ``n`` drawn uniformly from ``classes``."""
+    return torch.as_tensor(torch.randint(classes, (n,), generator=g) if labels is None else labels, dtype=torch.long)
+
+
+def _cut(photos: list[torch.Tensor], cuts, size: int) -> torch.Tensor:
+    """(photo index, top row, x as a fraction of the free width, upside-down) per crop ->
+    (n, 3, size, size) in [-1, 1]; upside-down crops are rotated 180 degrees."""
+    out = torch.empty(len(cuts), 3, size, size)
+    for i, (k, y, fx, upside) in enumerate(cuts):
+        im = photos[k]
+        x = min(im.shape[2] - size, int(fx * (im.shape[2] - size + 1)))
         patch = im[:, y : y + size, x : x + size]
         out[i] = patch.flip(1, 2) if upside else patch
-    return (out - 0.5) * 2.0, labels.clone()
+    return (out - 0.5) * 2.0
 
 
 def make_photos(n: int, size: int = 56, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
@@ -358,20 +368,14 @@ def crop_photo_ids(photos: list[torch.Tensor], n: int, size: int, g: torch.Gener
         from ..errors import UserError
 
         raise UserError(f"the photo-identity task needs {PHOTO_IDS} photographs, found {len(photos)}")
-    if labels is None:
-        labels = torch.randint(2 * PHOTO_IDS, (n,), generator=g)
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    n = len(labels)
-    out = torch.empty(n, 3, size, size)
-    ys, xs = torch.rand(n, generator=g), torch.rand(n, generator=g)
-    for i in range(n):
-        which, upside = divmod(int(labels[i]), 2)
-        im = photos[which]
-        y = min(im.shape[1] - size, int(ys[i] * (im.shape[1] - size + 1)))
-        x = min(im.shape[2] - size, int(xs[i] * (im.shape[2] - size + 1)))
-        patch = im[:, y : y + size, x : x + size]
-        out[i] = patch.flip(1, 2) if upside else patch
-    return (out - 0.5) * 2.0, labels.clone()
+    labels = _labels(labels, 2 * PHOTO_IDS, n, g)
+    ys, xs = torch.rand(len(labels), generator=g), torch.rand(len(labels), generator=g)
+    cuts = []
+    for i, lab in enumerate(labels.tolist()):
+        which, upside = divmod(lab, 2)
+        h = photos[which].shape[1]
+        cuts.append((which, min(h - size, int(ys[i] * (h - size + 1))), xs[i], upside))
+    return _cut(photos, cuts, size), labels.clone()
 
 
 def make_photo_ids(n: int, size: int = 56, generator: torch.Generator | None = None, labels: torch.Tensor | None = None,
