@@ -91,7 +91,7 @@ def _banding_seeds(experiment_app: typer.Typer) -> None:
         import torch
 
         from ..experiments.banding import run_experiment, seed_config, xpool_control
-        from ..experiments.banding_results import seeds_verdicts, seeds_summary, write_seeds_results
+        from ..experiments.banding_results import write_seeds_results
 
         seed_list = parse_list(seeds, int, "--seeds", "integers")
         if len(set(seed_list)) != len(seed_list):
@@ -110,8 +110,8 @@ def _banding_seeds(experiment_app: typer.Typer) -> None:
         control = xpool_control(results)
         command = (f"netanatomy experiment banding-seeds --config {config} --seeds {','.join(map(str, seed_list))} "
                    f"--out {shlex.quote(str(out))}" + (f" --weights {shlex.quote(str(weights))}" if weights else ""))
-        path = write_seeds_results(results, out, command, control)
-        for v in seeds_verdicts(seeds_summary(results), control):
+        path, doc = write_seeds_results(results, out, command, control)
+        for v in doc["verdicts"]:
             typer.echo(f"{v['finding']} ({v['layer']}, {v['measure']}): mean {100 * v['mean']:.1f}%, goal {v['goal']}: {v['verdict']}")
         typer.echo(f"wrote {path}")
 

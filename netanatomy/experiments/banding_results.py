@@ -339,8 +339,8 @@ def seeds_verdicts(summary: dict, control: dict) -> list[dict]:
     return out
 
 
-def seeds_markdown(results, command: str, control: dict) -> str:
-    s = seeds_summary(results)
+def seeds_markdown(results, command: str, control: dict, summary: dict | None = None) -> str:
+    s = summary or seeds_summary(results)
     names = ", ".join(f"`{r.config.name}`" for r in results)
     L = ["# Weight banding over seeds\n", f"Regenerate: `{command}`\n",
          f"Configs (one per seed): {names}. Per-seed details (pictures, all layers): `banding_<config>.md` for each.\n",
@@ -376,8 +376,9 @@ def seeds_markdown(results, command: str, control: dict) -> str:
     return "\n".join(L) + "\n"
 
 
-def write_seeds_results(results, out, command: str, control: dict) -> Path:
-    """``OUT/banding_<first config>_seeds.md`` and ``.json`` from the per-seed results."""
+def write_seeds_results(results, out, command: str, control: dict) -> tuple[Path, dict]:
+    """``OUT/banding_<first config>_seeds.md`` and ``.json`` from the per-seed results;
+    returns the markdown's path and the JSON document."""
     import json
 
     out = Path(out)
@@ -390,5 +391,5 @@ def write_seeds_results(results, out, command: str, control: dict) -> Path:
            "xpool_control": control, "verdicts": seeds_verdicts(s, control)}
     atomic_write_text(out / f"{stem}.json", json.dumps(doc, indent=1, allow_nan=True) + "\n")
     path = out / f"{stem}.md"
-    atomic_write_text(path, seeds_markdown(results, command, control) + _handwritten(path))
-    return path
+    atomic_write_text(path, seeds_markdown(results, command, control, s) + _handwritten(path))
+    return path, doc
