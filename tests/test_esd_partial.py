@@ -169,3 +169,36 @@ def test_a_short_top_part_is_not_accepted_when_the_tail_is_longer():
     fast, _ = spectral_row("w", "linear", w, SpectralOptions(spectrum="partial"))
     assert fast["alpha"] == pytest.approx(exact["alpha"], abs=0.02)
     assert fast["evals_computed"] >= SpectralOptions().partial_min_computed  # refused at 18, as before the rule
+    # the values below the tail are held to the looser tolerance only: the top part is
+    # accepted (with the margin at 1e-4 this layer needed its whole spectrum)
+    assert fast["spectrum"] == "partial" and fast["evals_computed"] < n
+
+
+def test_the_fitted_tail_must_be_tightly_converged():
+    """A top part whose tail reaches below the tightly converged values is refused, however
+    well the loosely converged margin below it fits."""
+    w = _spiked(seed=3).unsqueeze(0).double()
+    full = spectrum_of(w, "float64")
+    top = full.evals[-120:]
+    base = dict(evals=top, N=full.N, M=full.M, count=1, fro2=full.fro2, precision="float64", computed=120,
+                boundary=float(top[0]))
+    opts = SpectralOptions(spectrum="partial")
+    tight = dataclasses.replace(full, **base, settled_above=float(top[0]))
+    assert partial_accepts(tight, opts)
+    fit_xmin = float(top[-30])  # the 40 spikes' tail starts below the top 30
+    loose = dataclasses.replace(full, **base, settled_above=fit_xmin)
+    assert not partial_accepts(loose, opts)
+
+
+def test_the_loose_tolerance_never_counts_fewer_values_than_the_tight_one():
+    w = _spiked(seed=1)
+    from netanatomy.spectral.esd import BlockKrylov
+
+    it = BlockKrylov(w, 32, torch.float64, tol=1e-6, loose_tol=1e-9)  # a looser bound below tol is tol
+    it2 = BlockKrylov(w, 32, torch.float64, tol=1e-6, loose_tol=1e-2)
+    for _ in range(6):
+        it.step()
+        it2.step()
+        assert it.loosely == it.converged
+        assert it2.loosely >= it2.converged
+    assert it2.loosely > it2.converged

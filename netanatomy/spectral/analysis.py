@@ -83,6 +83,9 @@ class SpectralOptions:
     partial_min_size: int = 1024  # partial: matrices with a smaller side up to this get every eigenvalue
     partial_alpha_max: float = UNDER_TRAINED  # partial: a lighter tail than this needs the whole spectrum
     partial_min_computed: int = 28  # partial: never accept a top part of fewer eigenvalues than this
+    # partial: relative step-to-step change at which values below the fitted tail count as
+    # computed (the tail itself is held to 1e-4)
+    partial_margin_tol: float = 1e-2
     hill_xmin_pos: float = 2.0  # PL_Alpha_Hill: the tail is the top n - floor(n / hill_xmin_pos) values
 
 
@@ -212,6 +215,8 @@ def partial_accepts(sp: Spectrum, options: SpectralOptions) -> bool:
         return False
     if not (fit.ok and fit.n_tail <= (1.0 - options.partial_margin) * ev.size):
         return False
+    if not fit.xmin >= sp.settled_above:  # the fitted tail must be tightly converged
+        return False
     if not fit.alpha <= options.partial_alpha_max:
         return False
     half = fit_power_law(ev[ev.size // 2 :], min_tail=options.min_tail, ks=options.ks)
@@ -225,7 +230,8 @@ def _partial(batch: torch.Tensor, options: SpectralOptions, precision: str, devi
     spectrum, where a top-only fit can settle on a wrong xmin."""
     if min(batch.shape[1:]) <= options.partial_min_size:
         return spectrum_of(batch, precision, device)
-    return partial_spectrum_of(batch, lambda sp: partial_accepts(sp, options), precision, device)
+    return partial_spectrum_of(batch, lambda sp: partial_accepts(sp, options), precision, device,
+                               loose_tol=options.partial_margin_tol)
 
 
 def _slice_labels(kernel: tuple[int, ...]) -> list[str]:
@@ -265,6 +271,8 @@ class SpectralAnalysis(Analysis):
                             "per_slice need the full spectrum")
         if options.partial_min_size < 0:
             raise UserError(f"esd.partial_min_size must be >= 0, not {options.partial_min_size!r}")
+        if not (1e-8 <= options.partial_margin_tol <= 0.1):
+            raise UserError(f"esd.partial_margin_tol must lie in [1e-8, 0.1], not {options.partial_margin_tol!r}")
         if not (0.0 <= options.partial_margin < 1.0):
             raise UserError(f"esd.partial_margin must lie in [0, 1), not {options.partial_margin!r}")
         base = None

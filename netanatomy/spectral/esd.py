@@ -58,6 +58,9 @@ class Spectrum:
     computed: int | None = None
     boundary: float = 0.0
     extensions: int = 0
+    # partial spectra: at and above ``settled_above`` every value has converged to
+    # the tight tolerance; between ``boundary`` and it, to the looser one only
+    settled_above: float = 0.0
 
     @property
     def partial(self) -> bool:
@@ -255,7 +258,7 @@ class BlockKrylov:
     Gram matrix (N M^2) plus a full eigendecomposition."""
 
     def __init__(self, mat: torch.Tensor, block: int, dtype: torch.dtype = torch.float32, device=None,
-                 seed: int = 0, tol: float = 1e-5):
+                 seed: int = 0, tol: float = 1e-5, loose_tol: float | None = None):
         w = mat.to(device=device, dtype=dtype)
         self.w = w.T if w.shape[0] < w.shape[1] else w  # (N, M): the Krylov space lives on the smaller side
         M = self.w.shape[1]
@@ -267,8 +270,10 @@ class BlockKrylov:
         self._y: list[torch.Tensor] = []  # float64 copies of W Q_j
         self._gram = torch.zeros(0, 0, dtype=torch.float64, device=self.w.device)  # (W Q)^T (W Q)
         self.tol = tol
+        self.loose_tol = tol if loose_tol is None else max(tol, loose_tol)
         self.values: torch.Tensor | None = None  # Ritz values, descending (float64, CPU)
         self.converged = 0
+        self.loosely = 0  # leading values converged to ``loose_tol`` (>= ``converged``)
 
     @property
     def dim(self) -> int:
@@ -296,6 +301,7 @@ class BlockKrylov:
             n = old.numel()
             rel = (vals[:n] - old).abs() / vals[:n].clamp_min(torch.finfo(torch.float64).tiny)
             self.converged = int((rel <= self.tol).to(torch.int64).cumprod(0).sum())
+            self.loosely = int((rel <= self.loose_tol).to(torch.int64).cumprod(0).sum())
         self.values = vals
         z = self.w.T @ y
         basis = torch.cat(self._q, 1)
@@ -323,6 +329,7 @@ def partial_spectrum_of(
     device=None,
     block: int = 32,
     tol: float = 1e-4,
+    loose_tol: float = 1e-4,
     min_ready: int = 16,
     max_fraction: float = 1.0 / 8.0,
 ) -> Spectrum:
@@ -332,13 +339,18 @@ def partial_spectrum_of(
 
     One :class:`BlockKrylov` per matrix (``block`` vectors a step, at least
     M / 128); after each step, once every matrix has at least ``min_ready``
-    converged values, the converged prefixes form the spectrum offered to
-    ``accept``. When the space would exceed ``max_fraction`` of the smaller side
-    the whole spectrum is computed instead (Gram + eigvalsh): at M / 8 the steps
-    so far have cost about half the exact computation (4 N M^2 / 8 flops against
-    N M^2 for the Gram matrix plus the eigendecomposition), so a layer that
-    needs its whole spectrum costs at most about 1.5x exact. ``boundary`` is the
-    largest of the matrices' smallest computed values: at and above it the pooled
+    values converged to ``loose_tol``, those prefixes form the spectrum offered
+    to ``accept``. Two tolerances, because the two parts of the top serve
+    different ends: the fitted tail (the values a power law's alpha is computed
+    from) must be converged tightly (``tol``; ``settled_above`` marks where that
+    holds), while the values just below xmin only show that the fit would not
+    move lower, and those, at the dense edge of the bulk, converge slowest. When
+    the space would exceed ``max_fraction`` of the smaller side the whole
+    spectrum is computed instead (Gram + eigvalsh): at M / 8 the steps so far
+    have cost about half the exact computation (4 N M^2 / 8 flops against N M^2
+    for the Gram matrix plus the eigendecomposition), so a layer that needs its
+    whole spectrum costs at most about 1.5x exact. ``boundary`` is the largest
+    of the matrices' smallest computed values: at and above it the pooled
     spectrum is complete. ``extensions`` counts the steps. The squared Frobenius
     norm comes from the weights, so trace-like sums stay exact."""
     count, a, b = batch.shape
@@ -348,18 +360,23 @@ def partial_spectrum_of(
     fro2 = frobenius2(batch)
     blk = max(int(block), int(math.ceil(M / 128)))
     cap = max_fraction * M
-    its = [BlockKrylov(batch[i], blk, dtype, device, seed=i, tol=tol) for i in range(count)] if 2 * blk <= cap else []
+    its = ([BlockKrylov(batch[i], blk, dtype, device, seed=i, tol=tol, loose_tol=loose_tol) for i in range(count)]
+           if 2 * blk <= cap else [])
     steps = 0
-    last = -1
+    last = (-1, -1)
     while its and its[0].dim + blk <= cap:
-        done = min(it.step() for it in its)
+        for it in its:
+            it.step()
         steps += 1
-        if done >= min(min_ready, M) and done != last:
-            last = done
+        done = min(it.loosely for it in its)
+        tight = min(it.converged for it in its)
+        if done >= min(min_ready, M) and (done, tight) != last:
+            last = (done, tight)
             per = [it.values[:done].numpy() / N for it in its]
+            above = max(float(it.values[tight - 1]) / N for it in its) if tight > 0 else math.inf
             sp = Spectrum(evals=np.sort(np.concatenate(per)), N=N, M=M, count=count, fro2=fro2,
                           precision=prec, computed=done, boundary=float(max(p[-1] for p in per)),
-                          extensions=steps)
+                          extensions=steps, settled_above=above)
             if accept(sp):
                 return sp
     del its
