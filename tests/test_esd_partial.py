@@ -111,7 +111,8 @@ def test_a_light_top_of_a_random_bulk_is_not_accepted(seed):
         top = dataclasses.replace(full, evals=full.evals[-k:], computed=k, boundary=float(full.evals[-k]))
         assert top.partial
         assert not partial_accepts(top, opts)
-        assert partial_accepts(top, dataclasses.replace(opts, partial_alpha_max=math.inf, partial_min_computed=0))
+        assert partial_accepts(top, dataclasses.replace(opts, partial_alpha_max=math.inf, partial_min_computed=0,
+                                                        partial_give_up_alpha=math.inf))
 
 
 def test_partial_boundary_is_the_largest_smallest_computed_value():
@@ -202,3 +203,43 @@ def test_the_loose_tolerance_never_counts_fewer_values_than_the_tight_one():
         assert it.loosely == it.converged
         assert it2.loosely >= it2.converged
     assert it2.loosely > it2.converged
+
+
+def test_a_bulk_without_a_power_law_stops_the_iteration_early():
+    """A Gaussian matrix's top is fitted with alpha far above partial_give_up_alpha: the
+    whole spectrum is computed as soon as partial_min_computed values are in, not after
+    the whole M / 8 budget."""
+    from netanatomy.spectral.analysis import _partial
+
+    n = 3072
+    w = torch.randn(1, n, n, generator=torch.Generator().manual_seed(5)) / math.sqrt(n)
+    opts = SpectralOptions(spectrum="partial")
+    early = _partial(w, opts, "float32", None)
+    late = _partial(w, dataclasses.replace(opts, partial_give_up_alpha=math.inf), "float32", None)
+    assert not early.partial and not late.partial  # both end with every eigenvalue
+    assert np.allclose(early.evals, late.evals)
+    assert late.extensions == n // 8 // 32  # the budget: M / 8 in blocks of 32
+    assert early.extensions < late.extensions
+
+
+def test_give_up_verdict_and_its_option():
+    from netanatomy.spectral.analysis import partial_verdict
+    from netanatomy.spectral.esd import WHOLE
+
+    full = spectrum_of(torch.randn(1, 2048, 2048, generator=torch.Generator().manual_seed(2)), "float32", "cpu")
+    top = dataclasses.replace(full, evals=full.evals[-40:], computed=40, boundary=float(full.evals[-40]))
+    opts = SpectralOptions(spectrum="partial")
+    assert partial_verdict(top, opts) == WHOLE
+    assert partial_accepts(top, opts) is False
+    assert partial_verdict(top, dataclasses.replace(opts, partial_give_up_alpha=math.inf)) is False
+    heavy = spectrum_of(_spiked(seed=3).unsqueeze(0), "float64")  # heavy tail: never a reason to give up
+    htop = dataclasses.replace(heavy, evals=heavy.evals[-60:], computed=60, boundary=float(heavy.evals[-60]))
+    assert partial_verdict(htop, opts) != WHOLE
+
+
+def test_give_up_alpha_below_the_accept_limit_is_a_user_error(tiny_cnn):
+    import netanatomy as na
+
+    m = na.load(tiny_cnn)
+    with pytest.raises(UserError, match="partial_give_up_alpha"):
+        SpectralAnalysis().run(m, SpectralOptions(spectrum="partial", partial_give_up_alpha=5.0))

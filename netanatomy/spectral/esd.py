@@ -40,6 +40,9 @@ EPS32 = float(np.finfo(np.float32).eps)
 EPS64 = float(np.finfo(np.float64).eps)
 # below this many multiply-adds in the Gram product, float64 costs nothing worth saving
 SMALL_FLOPS = 2.0**31
+# what an ``accept`` callback of :func:`partial_spectrum_of` returns to stop extending
+# the top part and compute the whole spectrum at once
+WHOLE = "whole"
 
 
 @dataclass
@@ -335,7 +338,8 @@ def partial_spectrum_of(
 ) -> Spectrum:
     """The top of the pooled ESD of a (count, rows, cols) batch, extended until
     ``accept(spectrum)`` is true (the caller checks that its fit's xmin lies well
-    inside the computed part) or the whole spectrum is computed.
+    inside the computed part) or the whole spectrum is computed: after the budget
+    below, or at once when ``accept`` returns ``WHOLE``.
 
     One :class:`BlockKrylov` per matrix (``block`` vectors a step, at least
     M / 128); after each step, once every matrix has at least ``min_ready``
@@ -377,7 +381,10 @@ def partial_spectrum_of(
             sp = Spectrum(evals=np.sort(np.concatenate(per)), N=N, M=M, count=count, fro2=fro2,
                           precision=prec, computed=done, boundary=float(max(p[-1] for p in per)),
                           extensions=steps, settled_above=above)
-            if accept(sp):
+            verdict = accept(sp)
+            if verdict == WHOLE:
+                break
+            if verdict:
                 return sp
     del its
     ev = gram_eigvalsh(batch, dtype, device).to(torch.float64)
