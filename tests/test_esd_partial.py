@@ -243,3 +243,32 @@ def test_give_up_alpha_below_the_accept_limit_is_a_user_error(tiny_cnn):
     m = na.load(tiny_cnn)
     with pytest.raises(UserError, match="partial_give_up_alpha"):
         SpectralAnalysis().run(m, SpectralOptions(spectrum="partial", partial_give_up_alpha=5.0))
+
+
+def test_pooled_values_above_settled_above_are_tightly_converged():
+    """Two pooled matrices converging at different speeds: in every top part offered to
+    accept, the values at and above settled_above are the true eigenvalues (to 1e-8);
+    below it, only loosely converged values appear."""
+    w = torch.stack([_spiked(1536, 768, seed=0, spikes=40), _spiked(1536, 768, seed=1, spikes=10)]).double()
+    true = np.sort(np.concatenate([torch.linalg.eigvalsh(gram_matrix(w[i], torch.float64)).numpy() / 1536
+                                   for i in range(2)]))
+    offered = []
+    partial_spectrum_of(w, lambda sp: offered.append(sp) or False, precision="float64", loose_tol=1e-2,
+                        max_fraction=0.4)
+    assert offered
+
+    def worst(values):
+        return max((float(np.min(np.abs(true - v)) / v) for v in values), default=0.0)
+
+    for sp in offered:
+        assert worst(sp.evals[sp.evals >= sp.settled_above]) < 1e-8
+    assert max(worst(sp.evals[sp.evals < sp.settled_above]) for sp in offered) > 1e-5  # the loose part is loose
+
+
+def test_partial_option_checks_leave_exact_mode_alone(tiny_cnn):
+    import netanatomy as na
+
+    m = na.load(tiny_cnn)
+    SpectralAnalysis().run(m, SpectralOptions(partial_alpha_max=15.0))  # exact mode: no partial check
+    SpectralAnalysis().run(m, SpectralOptions(spectrum="partial", partial_alpha_max=math.inf,
+                                              partial_give_up_alpha=math.inf))

@@ -153,9 +153,9 @@ def spectral_row(
     # alpha_tol or 5% of the fit's own standard error, whichever is larger
     tol = max(options.alpha_tol, 0.05 * fit.sigma) if fit.ok else options.alpha_tol
     if sp.precision == "float32" and options.precision == "auto" and _alpha_error_bound(sp, fit) > tol:
-        if partial:
+        if partial and sp.partial:
             sp = _partial(batch, options, "float64", device)
-        else:
+        else:  # exact mode, or partial mode that ended with the whole spectrum
             sp = spectrum_of(batch, "float64", device, keep_per_matrix=sp.per_matrix is not None)
         fit, ev = _fit_values(sp, options)
     if sp.partial:
@@ -292,9 +292,9 @@ class SpectralAnalysis(Analysis):
                             "per_slice need the full spectrum")
         if options.partial_min_size < 0:
             raise UserError(f"esd.partial_min_size must be >= 0, not {options.partial_min_size!r}")
-        if not options.partial_give_up_alpha > options.partial_alpha_max:
-            raise UserError(f"esd.partial_give_up_alpha must exceed esd.partial_alpha_max ({options.partial_alpha_max!r}), "
-                            f"not {options.partial_give_up_alpha!r}")
+        if options.spectrum == "partial" and not options.partial_give_up_alpha >= options.partial_alpha_max:
+            raise UserError(f"esd.partial_give_up_alpha must be at least esd.partial_alpha_max "
+                            f"({options.partial_alpha_max!r}), not {options.partial_give_up_alpha!r}")
         if not (1e-8 <= options.partial_margin_tol <= 0.1):
             raise UserError(f"esd.partial_margin_tol must lie in [1e-8, 0.1], not {options.partial_margin_tol!r}")
         if not (0.0 <= options.partial_margin < 1.0):

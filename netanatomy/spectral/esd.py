@@ -382,7 +382,9 @@ def partial_spectrum_of(
                           precision=prec, computed=done, boundary=float(max(p[-1] for p in per)),
                           extensions=steps, settled_above=above)
             verdict = accept(sp)
-            if verdict == WHOLE:
+            if isinstance(verdict, str):
+                if verdict != WHOLE:
+                    raise ValueError(f"accept returned {verdict!r}; it returns a bool or WHOLE")
                 break
             if verdict:
                 return sp
