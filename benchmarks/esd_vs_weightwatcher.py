@@ -185,12 +185,11 @@ def child_split(path: str, spectrum: str, out: str) -> dict:
     return {"imports": t1 - t0, "load": t2 - t1, "analysis": t3 - t2, "report": t4 - t3, "row_seconds": row_s}
 
 
-def spiked(n: int, m: int, seed: int):
+def spiked(n: int, m: int, seed: int, k: int = 40):
     import torch
 
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(n, m, generator=g) / math.sqrt(max(n, m))
-    k = 40
     u, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
     v, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
     s = 2.5 * (1 - torch.rand(k, generator=g)) ** (-1 / 1.5)
@@ -460,19 +459,26 @@ def partial_layers(seeds: int) -> None:
     from netanatomy.spectral.analysis import SpectralOptions, spectral_row
 
     torch.set_num_threads(1)
-    head = (f"  {'shape':<11} {'seed':>4} {'exact s':>8} {'partial s':>9} {'speed-up':>8} {'alpha exact':>11} "
+    head = (f"  {'shape':<11} {'spikes':>6} {'seed':>4} {'exact s':>8} {'partial s':>9} {'speed-up':>8} {'alpha exact':>11} "
             f"{'alpha partial':>13} {'|diff|':>7} {'tail':>5} {'computed':>9}")
-    groups = [(f"{name} set, seeds {base}-{base + seeds - 1}", base, ((4096, 4096), (11008, 4096)), {})
+    # (label, first seed, (rows, cols, spikes) shapes, extra options, seeds per shape)
+    groups = [(f"{name} set, seeds {base}-{base + seeds - 1}", base, [(4096, 4096, 40), (11008, 4096, 40)], {}, seeds)
               for name, base in PARTIAL_SETS]
-    groups.append(("1024-wide, partial forced (partial_min_size=0), seeds 0-3", 0, ((1024, 1024), (4096, 1024)),
-                   {"partial_min_size": 0}))
-    for label, base, shapes, extra in groups:
-        print(f"\n== per-layer exact vs partial (40 Pareto spikes on a Gaussian bulk, one thread): {label}")
+    groups.append(("1024-wide, partial forced (partial_min_size=0), seeds 0-3", 0,
+                   [(1024, 1024, 40), (4096, 1024, 40)], {"partial_min_size": 0}, 4))
+    # long tails: 150 / 300 / 600 spikes. Seeds 300-305 were run when partial_edge_factor
+    # was chosen; 400-403 were held out from that choice
+    longs = [(4096, 4096, 150), (4096, 4096, 300), (4096, 4096, 600)]
+    groups.append(("long tails (150, 300, 600 spikes), seeds 300-305 (seen when partial_edge_factor was chosen)",
+                   300, longs, {}, 6))
+    groups.append(("long tails (150, 300, 600 spikes), seeds 400-403 (held out)", 400, longs, {}, 4))
+    for label, base, shapes, extra, count in groups:
+        print(f"\n== per-layer exact vs partial (Pareto spikes on a Gaussian bulk, one thread): {label}")
         print(head)
         rows = []
-        for n, m in shapes:
-            for seed in range(base, base + (4 if extra else seeds)):
-                w = spiked(n, m, seed).unsqueeze(0)
+        for n, m, k in shapes:
+            for seed in range(base, base + count):
+                w = spiked(n, m, seed, k).unsqueeze(0)
                 t = time.perf_counter()
                 e, _ = spectral_row("w", "linear", w, SpectralOptions())
                 te = time.perf_counter() - t
@@ -481,7 +487,7 @@ def partial_layers(seeds: int) -> None:
                 tp = time.perf_counter() - t
                 d = abs(e["alpha"] - f["alpha"])
                 rows.append((te, tp, d))
-                print(f"  {n}x{m:<6} {seed:>4} {te:8.2f} {tp:9.2f} {te / tp:7.2f}x {e['alpha']:11.4f} {f['alpha']:13.4f} "
+                print(f"  {n}x{m:<6} {k:>6} {seed:>4} {te:8.2f} {tp:9.2f} {te / tp:7.2f}x {e['alpha']:11.4f} {f['alpha']:13.4f} "
                       f"{d:7.4f} {e['num_pl_spikes']:5d} {f['evals_computed']:9d}")
                 sys.stdout.flush()
         te = sum(r[0] for r in rows)

@@ -14,6 +14,7 @@ import dataclasses
 
 from netanatomy.spectral.analysis import SpectralAnalysis, SpectralOptions, partial_accepts, spectral_row
 from netanatomy.spectral.esd import gram_matrix, partial_spectrum_of, spectrum_of, top_sq_singular_values
+from netanatomy.spectral.powerlaw import fit_power_law
 
 
 def _spiked(n=1536, m=768, spikes=40, seed=0):
@@ -51,9 +52,10 @@ def test_the_spiked_tail_converges_first():
     assert torch.allclose(top.values[:c], full[:c], rtol=1e-4)
 
 
-@pytest.mark.parametrize("shape,seed", [((2048, 1536), 2), ((3072, 2048), 3)])
+@pytest.mark.parametrize("shape,seed", [((2048, 2048), 2), ((3072, 2048), 3)])
 def test_partial_alpha_is_within_0_02_of_exact_on_a_heavy_tailed_matrix(shape, seed):
-    # 40 spikes of which the fitted tail takes 13-14: the tail converges long before the bulk
+    # 40 spikes of which the fitted tail takes 14-19: the spikes converge long before the
+    # bulk, and the top is accepted once it reaches the bulk's edge (44 values)
     w = _spiked(*shape, seed=seed).unsqueeze(0)
     exact, _ = spectral_row("w", "linear", w, SpectralOptions())
     fast, _ = spectral_row("w", "linear", w, SpectralOptions(spectrum="partial", partial_min_size=0))
@@ -272,3 +274,38 @@ def test_partial_option_checks_leave_exact_mode_alone(tiny_cnn):
     SpectralAnalysis().run(m, SpectralOptions(partial_alpha_max=15.0))  # exact mode: no partial check
     SpectralAnalysis().run(m, SpectralOptions(spectrum="partial", partial_alpha_max=math.inf,
                                               partial_give_up_alpha=math.inf))
+
+
+def test_rest_edge_of_a_gaussian_top_is_its_bulk_edge():
+    """With only a Gaussian bulk, the Marchenko-Pastur edge estimated from the energy not
+    yet computed lies just below the top of the bulk (the computed top's energy is left out)."""
+    from netanatomy.spectral.analysis import rest_edge
+
+    g = torch.Generator().manual_seed(4)
+    full = spectrum_of((torch.randn(1, 2048, 1024, generator=g, dtype=torch.float64) / math.sqrt(2048)), "float64")
+    for k in (30, 60, 120):
+        top = dataclasses.replace(full, evals=full.evals[-k:], computed=k, boundary=float(full.evals[-k]))
+        assert 0.8 * float(full.evals[-1]) < rest_edge(top) <= float(full.evals[-1])
+    assert rest_edge(full) == math.inf  # nothing left to estimate
+
+
+def test_a_top_far_above_the_bulk_is_not_accepted_on_a_long_tail():
+    """150 spikes: tops of the exact spectrum far above the bulk were accepted with alpha off
+    by 0.33 before the bulk-edge rule; with it, no top that short is accepted wrongly."""
+    w = _spiked(1536, 768, spikes=150, seed=0).unsqueeze(0).double()
+    full = spectrum_of(w, "float64")
+    exact, _ = spectral_row("w", "linear", w, SpectralOptions())
+    opts = SpectralOptions(spectrum="partial")
+
+    def wrong_accepts(o):
+        out = []
+        for c in range(28, 192, 4):
+            top = dataclasses.replace(full, evals=full.evals[-c:], computed=c, boundary=float(full.evals[-c]))
+            if partial_accepts(top, o):
+                fit = fit_power_law(top.evals, min_tail=o.min_tail, ks=o.ks)
+                if abs(fit.alpha - exact["alpha"]) > 0.02:
+                    out.append(c)
+        return out
+
+    assert wrong_accepts(dataclasses.replace(opts, partial_edge_factor=math.inf))  # the failure the rule is for
+    assert not wrong_accepts(opts)

@@ -90,6 +90,9 @@ class SpectralOptions:
     # partial: a top part (of at least partial_min_computed values) fitted with a tail lighter
     # than this stops the iteration at once: the whole spectrum is computed
     partial_give_up_alpha: float = 12.0
+    # partial: the top must reach down to this many times the Marchenko-Pastur edge of the
+    # energy not yet computed (below it, more of the tail may lie)
+    partial_edge_factor: float = 1.5
     hill_xmin_pos: float = 2.0  # PL_Alpha_Hill: the tail is the top n - floor(n / hill_xmin_pos) values
 
 
@@ -226,10 +229,25 @@ def partial_verdict(sp: Spectrum, options: SpectralOptions) -> bool | str:
         return False
     if not fit.xmin >= sp.settled_above:  # the fitted tail must be tightly converged
         return False
+    if not sp.boundary <= options.partial_edge_factor * rest_edge(sp):
+        return False
     if not fit.alpha <= options.partial_alpha_max:
         return False
     half = fit_power_law(ev[ev.size // 2 :], min_tail=options.min_tail, ks=options.ks)
     return half.ok and math.isclose(half.xmin, fit.xmin, rel_tol=1e-6)
+
+
+def rest_edge(sp: Spectrum) -> float:
+    """Where the bulk of the eigenvalues not yet computed would end if they were a
+    Marchenko-Pastur bulk: their mean (the squared Frobenius norm, which the weights
+    give exactly, less the computed values) times (1 + sqrt(M / N))^2. A top whose
+    smallest value lies far above it has not reached the bulk: more of the tail may
+    lie below, and a fit over the top alone can settle on a wrong xmin."""
+    missing = sp.count * sp.M - sp.evals.size
+    if missing <= 0:
+        return math.inf
+    rest_mean = (sp.fro2 / sp.N - float(sp.evals.sum())) / missing
+    return max(rest_mean, 0.0) * (1.0 + math.sqrt(sp.M / sp.N)) ** 2
 
 
 def partial_accepts(sp: Spectrum, options: SpectralOptions) -> bool:
@@ -295,6 +313,8 @@ class SpectralAnalysis(Analysis):
         if options.spectrum == "partial" and not options.partial_give_up_alpha >= options.partial_alpha_max:
             raise UserError(f"esd.partial_give_up_alpha must be at least esd.partial_alpha_max "
                             f"({options.partial_alpha_max!r}), not {options.partial_give_up_alpha!r}")
+        if not options.partial_edge_factor > 0:
+            raise UserError(f"esd.partial_edge_factor must be > 0, not {options.partial_edge_factor!r}")
         if not (1e-8 <= options.partial_margin_tol <= 0.1):
             raise UserError(f"esd.partial_margin_tol must lie in [1e-8, 0.1], not {options.partial_margin_tol!r}")
         if not (0.0 <= options.partial_margin < 1.0):
