@@ -245,6 +245,10 @@ def test_give_up_alpha_below_the_accept_limit_is_a_user_error(tiny_cnn):
     m = na.load(tiny_cnn)
     with pytest.raises(UserError, match="partial_give_up_alpha"):
         SpectralAnalysis().run(m, SpectralOptions(spectrum="partial", partial_give_up_alpha=5.0))
+    with pytest.raises(UserError, match="partial_margin_tol"):  # tighter than the tail's own 1e-4
+        SpectralAnalysis().run(m, SpectralOptions(spectrum="partial", partial_margin_tol=1e-5))
+    with pytest.raises(UserError, match="partial_edge_factor"):
+        SpectralAnalysis().run(m, SpectralOptions(spectrum="partial", partial_edge_factor=0.0))
 
 
 def test_pooled_values_above_settled_above_are_tightly_converged():
