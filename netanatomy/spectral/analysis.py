@@ -252,14 +252,15 @@ def rest_edge(sp: Spectrum) -> float:
 
 
 def partial_accepts(sp: Spectrum, options: SpectralOptions) -> bool:
-    """Whether a partial spectrum is enough for the power-law fit: the fit's xmin
-    lies above the lowest ``partial_margin`` of the computed part, the fit on the
-    top half of that part picks the same xmin (a lower xmin, outside the computed
-    part, would have shown up as a change between the two), and the tail is heavy
-    (alpha at most ``partial_alpha_max``). A light tail is what a bulk without a
-    power law looks like from its top: on random matrices a fit over the top 20
-    eigenvalues settles on 5-10 of them with alpha near 100, where the whole
-    spectrum gives 15-25; only the whole spectrum tells which xmin is right."""
+    """Whether a partial spectrum is enough for the power-law fit, by every rule of
+    :func:`partial_verdict`: at least ``partial_min_computed`` values; the fit's
+    xmin above the lowest ``partial_margin`` of the computed part and its tail
+    tightly converged (at or above ``settled_above``); the top reaching the bulk
+    (``rest_edge``); a heavy tail (alpha at most ``partial_alpha_max``: on random
+    matrices a fit over the top 20 eigenvalues settles on 5-10 of them with alpha
+    near 100, where the whole spectrum gives 15-25); and the fit on the top half of
+    the computed part picking the same xmin (a lower xmin, outside the computed
+    part, would have shown up as a change between the two)."""
     return partial_verdict(sp, options) is True
 
 
